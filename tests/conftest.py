@@ -1,0 +1,11 @@
+"""Suite-wide settings: offline Hugging Face, a private HF_HOME, quiet warnings from optional GPU stacks."""
+
+import os
+import tempfile
+
+# Set at import so spawned workers inherit them too.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="trapo-hf-home-")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
