@@ -1,0 +1,1 @@
+"""TRAPO algorithm core: objectives, advantages, aggregation, micro-group schedule (plain torch/python)."""
