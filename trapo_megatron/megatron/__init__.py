@@ -1,0 +1,1 @@
+"""Megatron-Core side: platform (distributed init, CPU layer), model builder, vocab-parallel kernels, train step."""
