@@ -1,0 +1,334 @@
+"""Per-GPU memory of a TRAPO run under a TP x PP x DP layout: training state, activations, colocated vLLM.
+
+Bytes per parameter (Megatron mixed precision with the distributed optimizer, ZeRO-1 style):
+  weights   2 (bf16) or 4 (fp32) on every DP rank;
+  grads     the DDP grad buffer: 4 (fp32 main grads, ``grad_reduce_in_fp32``) unless ``grad_bytes`` says 2;
+  optimizer Adam exp_avg + exp_avg_sq (8) plus an fp32 master copy under bf16 (4), divided by DP when the
+            optimizer is distributed.
+Activations per layer and micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation",
+re-derived for RMSNorm + GQA + SwiGLU + flash attention, no dropout): per token the layer keeps the two norm
+inputs and the QKV/fc1 inputs (4h), Q, K, V and the attention output (2q + 2kv), the fc1 output and the
+SwiGLU output (3f), each divided by TP under sequence parallelism. Full recompute keeps only each layer's
+input (h) plus one layer's working set. 1F1B keeps ``min(PP - stage, micro-batches)`` micro-batches in
+flight on a stage. The last stage also holds fp32 logits and their gradient (2 x 4 x s x b x V / TP).
+The colocated vLLM engine holds bf16 weights at the rollout TP and a KV cache of
+``2 x layers x kv_heads_per_rank x head_dim x 2 bytes`` per token. With sleep mode the engine frees its
+memory while training runs, so the peak is the larger of the two phases; without it they add up. While
+vLLM generates, grads and optimizer states sit in host memory (``offload_during_rollout``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from trapo_megatron.plan.model import ModelSpec, layer_params, padded_vocab, stage_params, total_params
+
+GIB = 1024**3
+
+# Usable memory per GPU in GiB (what nvidia-smi reports as total).
+GPUS: dict[str, float] = {
+    "h100-80gb": 79.6,
+    "h200-141gb": 139.8,
+    "a100-80gb": 79.2,
+    "a100-40gb": 39.4,
+    "l40s-48gb": 44.4,
+    "b200-180gb": 178.4,
+}
+
+PRECISIONS: dict[str, dict[str, int]] = {
+    # bytes per parameter / activation element
+    "bf16": {"weight": 2, "grad": 4, "optimizer": 12, "activation": 2},
+    "fp32": {"weight": 4, "grad": 4, "optimizer": 8, "activation": 4},
+}
+
+
+@dataclass(kw_only=True, frozen=True)
+class PlanConfig:
+    """The cluster and the run shape the planner sizes against."""
+
+    gpu: str = "h100-80gb"
+    """GPU type, a key of GPUS."""
+    num_gpus: int = 8
+    """GPUs in the job (nodes x GPUs per node)."""
+    gpus_per_node: int = 8
+    """TP stays inside a node (NVLink); it may not exceed this."""
+    precision: str = "bf16"
+    """bf16 (mixed precision, fp32 master weights) or fp32 (the CPU runs)."""
+    grad_bytes: int | None = None
+    """Bytes per element of the grad buffer; None: the precision's default (4, fp32 main grads)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer states over data parallel ranks (Megatron's distributed optimizer)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch."""
+    seq_length: int = 4096
+    """Tokens per packed training sequence (prompt + response)."""
+    num_microbatches: int | None = None
+    """Micro-batches per step and pipeline; None: at least PP (the 1F1B steady state)."""
+    sequence_parallel: bool = True
+    """Split norm and dropout activations over TP (Megatron with Transformer Engine)."""
+    colocate_vllm: bool = True
+    """A vLLM engine shares the GPUs with training."""
+    rollout_tp: int | None = None
+    """vLLM tensor parallel size; None: the training TP."""
+    rollout_seqs: int = 32
+    """Concurrent rollout sequences whose KV cache each engine must hold at least; vLLM fills the rest of
+    the memory with more (the plan reports how many fit)."""
+    rollout_len: int | None = None
+    """Tokens per rollout sequence in the KV cache; None: seq_length."""
+    sleep_mode: bool = True
+    """vLLM releases weights and KV cache while training (enable_sleep_mode)."""
+    offload_during_rollout: bool = True
+    """Grads and optimizer states move to host memory while vLLM generates (what colocated Megatron RL
+    stacks do before a refit); the bf16 weights stay, they are the source of the weight sync."""
+    reserve_gib: float = 4.0
+    """Held back per GPU for the CUDA context, NCCL buffers and allocator fragmentation."""
+    vocab_divisor: int = 1
+    """Vocabulary padding multiple per TP rank (1: our builder; 128: Megatron-LM checkpoints)."""
+    min_headroom: float = 0.1
+    """Layouts that leave less than this fraction of usable memory free rank after the others (tight)."""
+
+    def __post_init__(self) -> None:
+        if self.gpu not in GPUS:
+            raise ValueError(f"PlanConfig.gpu {self.gpu!r} is unknown; choose one of {sorted(GPUS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"PlanConfig.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}"
+            )
+        for f in ("num_gpus", "gpus_per_node", "micro_batch_size", "seq_length", "rollout_seqs"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"PlanConfig.{f} must be positive, got {getattr(self, f)}")
+        if self.num_gpus > self.gpus_per_node and self.num_gpus % self.gpus_per_node:
+            raise ValueError(
+                f"PlanConfig.num_gpus ({self.num_gpus}) must be a multiple of "
+                f"gpus_per_node ({self.gpus_per_node})"
+            )
+
+    @property
+    def capacity_bytes(self) -> float:
+        return (GPUS[self.gpu] - self.reserve_gib) * GIB
+
+
+@dataclass(kw_only=True, frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+
+    def __str__(self) -> str:
+        return f"TP{self.tp} x PP{self.pp} x DP{self.dp}"
+
+
+@dataclass(kw_only=True, frozen=True)
+class Memory:
+    """Bytes on the busiest GPU of a layout (the pipeline stage with the largest total)."""
+
+    layout: Layout
+    stage: int
+    """Pipeline stage the numbers are for."""
+    params: int
+    """Parameters held by this rank (elements)."""
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    """No recompute, micro-batches in flight included."""
+    activations_recompute: int
+    """Full recompute of every layer."""
+    logits: int
+    vllm_weights: int
+    kv_cache: int
+    """KV cache for rollout_seqs x rollout_len tokens."""
+    kv_bytes_per_token: int
+    sleep_mode: bool
+    offload_during_rollout: bool
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.grads + self.optimizer
+
+    def train(self, recompute: bool) -> int:
+        return self.static + (self.activations_recompute if recompute else self.activations) + self.logits
+
+    @property
+    def rollout(self) -> int:
+        resident = self.weights if self.offload_during_rollout else self.static
+        return resident + self.vllm_weights + self.kv_cache
+
+    def peak(self, recompute: bool) -> int:
+        train = self.train(recompute)
+        if self.sleep_mode:
+            return max(train, self.rollout)
+        return train + self.vllm_weights + self.kv_cache
+
+
+def _activation_elems_per_token(spec: ModelSpec, tp: int, sp: bool) -> tuple[float, float]:
+    """(one layer's saved activations, one layer's input) in elements per token on one TP rank."""
+    h, q, kv, f = spec.hidden_size, spec.q_size, spec.kv_size, spec.ffn_hidden_size
+    split = 2 * q + 2 * kv + 3 * f
+    norm_side = 4 * h
+    if sp or tp == 1:
+        return (norm_side + split) / tp, h / tp
+    return norm_side + split / tp, h
+
+
+def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -> Memory:
+    """Memory of one rank of pipeline ``stage`` under ``layout``."""
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    bytes_ = PRECISIONS[cfg.precision]
+    grad_bytes = cfg.grad_bytes or bytes_["grad"]
+    params = stage_params(spec, tp, pp, stage, cfg.vocab_divisor).total
+    opt_shard = dp if cfg.distributed_optimizer else 1
+
+    tokens = cfg.micro_batch_size * cfg.seq_length
+    in_flight = min(pp - stage, cfg.num_microbatches or pp)
+    per_tok, input_tok = _activation_elems_per_token(spec, tp, cfg.sequence_parallel and tp > 1)
+    layers = spec.num_layers // pp
+    act = bytes_["activation"]
+    activations = int(in_flight * layers * tokens * per_tok * act)
+    recompute = int(in_flight * layers * tokens * input_tok * act + tokens * per_tok * act)
+    vocab_rank = padded_vocab(spec, tp, cfg.vocab_divisor) // tp
+    logits = 2 * 4 * tokens * vocab_rank if stage == pp - 1 else 0
+
+    vllm_weights = kv_cache = kv_per_token = 0
+    if cfg.colocate_vllm:
+        rtp = cfg.rollout_tp or tp
+        vllm_weights = 2 * total_params(spec) // rtp
+        kv_heads = max(1, spec.num_query_groups // rtp)
+        kv_per_token = 2 * spec.num_layers * kv_heads * spec.head_dim * 2
+        kv_cache = kv_per_token * cfg.rollout_seqs * (cfg.rollout_len or cfg.seq_length)
+    return Memory(
+        layout=layout, stage=stage, params=params,
+        weights=params * bytes_["weight"], grads=params * grad_bytes,
+        optimizer=-(-params * bytes_["optimizer"] // opt_shard),
+        activations=activations, activations_recompute=recompute, logits=logits,
+        vllm_weights=vllm_weights, kv_cache=kv_cache, kv_bytes_per_token=kv_per_token,
+        sleep_mode=cfg.sleep_mode, offload_during_rollout=cfg.offload_during_rollout,
+    )
+
+
+def layout_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout) -> Memory:
+    """The busiest stage of ``layout`` (largest no-recompute peak)."""
+    stages = [stage_memory(spec, cfg, layout, s) for s in range(layout.pp)]
+    return max(stages, key=lambda m: (m.peak(False), m.peak(True)))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(spec: ModelSpec, cfg: PlanConfig) -> list[Layout]:
+    """Every TP x PP x DP = num_gpus that the model's shape allows (TP inside a node, divides the heads,
+    the KV groups, the FFN and the vocabulary; PP divides the layers)."""
+    out = []
+    for tp in _divisors(cfg.num_gpus):
+        if tp > cfg.gpus_per_node:
+            continue
+        if any(x % tp for x in (spec.num_attention_heads, spec.num_query_groups, spec.ffn_hidden_size)):
+            continue
+        if cfg.vocab_divisor == 1 and spec.vocab_size % tp:
+            continue
+        for pp in _divisors(cfg.num_gpus // tp):
+            if spec.num_layers % pp == 0:
+                out.append(Layout(tp=tp, pp=pp, dp=cfg.num_gpus // (tp * pp)))
+    return out
+
+
+@dataclass(kw_only=True, frozen=True)
+class Fit:
+    """A layout, its memory, and what it allows."""
+
+    memory: Memory
+    recompute: bool
+    """Whether the layout needs full activation recompute to fit."""
+    max_micro_batch: int
+    """Largest micro-batch at seq_length that fits (with the recompute setting above)."""
+    max_seq_length: int
+    """Longest sequence at micro-batch 1 that fits."""
+    max_rollout_seqs: int
+    """Concurrent rollout sequences of rollout_len whose KV cache fits in the generation phase."""
+    capacity: float
+    """Usable bytes per GPU (GPU memory minus the reserve)."""
+
+    min_headroom: float
+    """PlanConfig.min_headroom, for :attr:`tight`."""
+
+    @property
+    def headroom(self) -> float:
+        """Fraction of the usable memory left at the peak."""
+        return 1.0 - self.memory.peak(self.recompute) / self.capacity
+
+    @property
+    def tight(self) -> bool:
+        """Fits with less headroom than asked: allocator fragmentation may still break it."""
+        return self.headroom < self.min_headroom
+
+
+def _largest(fits, limit: int) -> int:
+    """The largest n in [1, limit] with fits(n) true (fits is monotone); 0 if none."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def evaluate(spec: ModelSpec, cfg: PlanConfig, layout: Layout) -> Fit | None:
+    """The layout's fit, or None when it does not fit even with full recompute."""
+    mem = layout_memory(spec, cfg, layout)
+    cap = cfg.capacity_bytes
+    recompute = mem.peak(False) > cap
+    if mem.peak(recompute) > cap:
+        return None
+
+    def fits(**changes: int) -> bool:
+        return layout_memory(spec, dataclasses.replace(cfg, **changes), layout).peak(recompute) <= cap
+
+    rollout_len = cfg.rollout_len or cfg.seq_length
+    free_for_kv = cap - (mem.rollout - mem.kv_cache)
+    kv_seq = mem.kv_bytes_per_token * rollout_len
+    return Fit(
+        memory=mem, recompute=recompute, capacity=cap, min_headroom=cfg.min_headroom,
+        max_micro_batch=_largest(lambda b: fits(micro_batch_size=b), 4096),
+        max_seq_length=_largest(lambda s: fits(micro_batch_size=1, seq_length=s, rollout_len=rollout_len),
+                                1 << 22),
+        max_rollout_seqs=int(free_for_kv // kv_seq) if kv_seq else 0,
+    )
+
+
+def plan(spec: ModelSpec, cfg: PlanConfig) -> list[Fit]:
+    """Layouts that fit, best first: no recompute before recompute, comfortable before tight, then the fewest
+    model-parallel ranks (more data parallelism scales best), then less pipeline (fewer bubbles), then the
+    most headroom."""
+    fits = [f for f in (evaluate(spec, cfg, lay) for lay in candidate_layouts(spec, cfg)) if f is not None]
+    def key(f: Fit) -> tuple:
+        lay = f.memory.layout
+        return (f.recompute, f.tight, lay.tp * lay.pp, lay.pp, -f.headroom)
+
+    return sorted(fits, key=key)
+
+
+def all_layouts(spec: ModelSpec, cfg: PlanConfig) -> list[Memory]:
+    """Every candidate layout's busiest-stage memory, fitting or not (for the full table)."""
+    return [layout_memory(spec, cfg, lay) for lay in candidate_layouts(spec, cfg)]
+
+
+def param_bytes_per_rank(spec: ModelSpec, tp: int, pp: int, stage: int, precision: str = "fp32") -> int:
+    """Parameter bytes on one rank of ``stage`` (what ``sum(p.numel() * p.element_size())`` gives)."""
+    return stage_params(spec, tp, pp, stage).total * PRECISIONS[precision]["weight"]
+
+
+def optimizer_state_bytes(spec: ModelSpec, tp: int, pp: int, stage: int, precision: str = "fp32") -> int:
+    """Adam state bytes for the parameters of one rank before DP sharding (fp32 exp_avg + exp_avg_sq, plus
+    the fp32 master copy under bf16)."""
+    return stage_params(spec, tp, pp, stage).total * PRECISIONS[precision]["optimizer"]
+
+
+def layer_param_count(spec: ModelSpec, tp: int) -> int:
+    """Elements of one transformer layer on one TP rank."""
+    return layer_params(spec, tp).total
