@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from trapo_megatron.rollout.engine import Generation, SamplingParams, WeightStream
+from trapo_megatron.rollout.engine import Generation, SamplingParams, WeightStream, check_generate_args
 
 _TIED_HEAD = "lm_head.weight"
 
@@ -85,12 +85,7 @@ class CpuEngine:
 
     # -------------------------------------------------------------------------------- generation
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Generation]:
-        if self._sleeping:
-            raise RuntimeError("generate() on a sleeping engine: call wake_up() or load_weights() first")
-        if len(prompts) != len(params):
-            raise ValueError(f"generate: {len(prompts)} prompts but {len(params)} sampling params")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: empty prompt")
+        check_generate_args(self._sleeping, prompts, params)
         self.num_generate_calls += 1
         out: list[Generation] = []
         for s in range(0, len(prompts), self.max_batch_size):

@@ -71,6 +71,16 @@ class Generation:
     finish_reason: FinishReason
 
 
+def check_generate_args(sleeping: bool, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> None:
+    """The preconditions every engine's generate() enforces."""
+    if sleeping:
+        raise RuntimeError("generate() on a sleeping engine: call wake_up() or load_weights() first")
+    if len(prompts) != len(params):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(params)} sampling params")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: empty prompt")
+
+
 WeightStream = Iterable[tuple[str, torch.Tensor]]
 """(Hugging Face parameter name, full unsharded tensor), e.g. ("model.layers.0.self_attn.q_proj.weight", W)."""
 

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from trapo_megatron.rollout.engine import Generation, SamplingParams, WeightStream
+from trapo_megatron.rollout.engine import Generation, SamplingParams, WeightStream, check_generate_args
 
 NOT_INSTALLED = "vLLM is not installed (pip install 'trapo-megatron[gpu]')"
 _TIED_HEAD = "lm_head.weight"
@@ -139,10 +139,7 @@ class VllmEngine:
 
     # -------------------------------------------------------------------------------- generation
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Generation]:
-        if self._sleeping:
-            raise RuntimeError("generate() on a sleeping engine: call wake_up() or load_weights() first")
-        if len(prompts) != len(params):
-            raise ValueError(f"generate: {len(prompts)} prompts but {len(params)} sampling params")
+        check_generate_args(self._sleeping, prompts, params)
         vllm = import_vllm()
         requests = [vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         sampling = [
