@@ -19,7 +19,7 @@ _TIED_HEAD = "lm_head.weight"
 
 
 def processed_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Log-probs (V,) of the distribution sampled from: logits / T, then top-k, then top-p (renormalized).
+    """Log-probs (..., V) of the distribution sampled from: logits / T, then top-k, then top-p (renormalized).
 
     Greedy (T = 0) returns the raw log-probs. Masked tokens get -inf.
     """
@@ -27,15 +27,27 @@ def processed_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.temperature == 0:
         return torch.log_softmax(logits, dim=-1)
     logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = torch.cumsum(probs, dim=-1) - probs >= p.top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return torch.log_softmax(logits, dim=-1)
+
+
+def _batched_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], rows: list[int]) -> dict[int, torch.Tensor]:
+    """processed_logprobs for the given rows of (B, V) logits, one tensor op per distinct sampling setting."""
+    by_setting: dict[tuple, list[int]] = {}
+    for i in rows:
+        by_setting.setdefault((params[i].temperature, params[i].top_k, params[i].top_p), []).append(i)
+    out = {}
+    for idx in by_setting.values():
+        lp = processed_logprobs(logits[idx], params[idx[0]])
+        out.update(zip(idx, lp))
+    return out
 
 
 class CpuEngine:
@@ -115,10 +127,9 @@ class CpuEngine:
                 input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache, use_cache=True
             ).logits[:, -1]  # (B, V)
             nxt = torch.zeros(B, 1, dtype=torch.long, device=device)
-            for i, p in enumerate(params):
-                if reasons[i] is not None:
-                    continue
-                lp = processed_logprobs(logits[i], p)
+            active = [i for i in range(B) if reasons[i] is None]
+            for i, lp in _batched_logprobs(logits, params, active).items():
+                p = params[i]
                 if p.temperature == 0:
                     tok = int(torch.argmax(lp))
                 else:
