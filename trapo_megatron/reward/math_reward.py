@@ -80,18 +80,22 @@ class RewardStats:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last balanced \\boxed{...} in ``text``, or None (linear time, no regex backtracking)."""
+    """Content of the last balanced \\boxed{...} in ``text``, or None. One pass to match braces, then a
+    backward search: linear time even on thousands of unclosed boxes (no regex backtracking)."""
+    close_of: dict[int, int] = {}
+    stack: list[int] = []
+    for i, ch in enumerate(text):
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            close_of[stack.pop()] = i
     start = text.rfind("\\boxed")
     while start != -1:
         i = start + len("\\boxed")
         while i < len(text) and text[i] == " ":
             i += 1
-        if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                if depth == 0:
-                    return text[i + 1 : j]
+        if i in close_of and text[i] == "{":
+            return text[i + 1 : close_of[i]]
         start = text.rfind("\\boxed", 0, start)
     return None
 
