@@ -83,6 +83,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if unknown:
         where = prefix or "top level"
         raise ConfigError(f"unknown key {_join(prefix, unknown[0])!r} in {where}; known keys: {sorted(fields)}")
+    data = dict(data)
+    for name, f in fields.items():
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if not dataclasses.is_dataclass(hints[name]):
+                raise ConfigError(f"missing required key {_join(prefix, name)!r}")
+            data[name] = {}  # a required section: report its own missing keys
     kwargs = {name: _coerce(value, hints[name], _join(prefix, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -176,11 +182,16 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     rows = []
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    defaults = cls()
     for f in dataclasses.fields(cls):
         key = _join(prefix, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             rows.extend(describe(hints[f.name], key))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         else:
-            rows.append((key, _type_name(hints[f.name]), getattr(defaults, f.name), docs.get(f.name, "")))
+            default = "<required>"
+        rows.append((key, _type_name(hints[f.name]), default, docs.get(f.name, "")))
     return rows

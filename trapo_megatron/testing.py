@@ -8,12 +8,13 @@ a hang is cut by ``timeout`` and reported with every worker's state, so a mistak
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
 from typing import Any, Callable
 
-import torch.multiprocessing as mp
+import multiprocessing as mp
 
 
 def free_port() -> int:
@@ -32,8 +33,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
 
     torch.set_num_threads(threads)
     try:
-        out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        # Plain pickle bytes: torch's queue would hand tensors over in shared memory that dies with the worker.
+        results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -77,7 +78,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 ) from None
             if status == "error":
                 raise WorkerError(f"rank {rank} of {world_size} failed:\n{payload}")
-            outs[rank] = payload
+            outs[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5)

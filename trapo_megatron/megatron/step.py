@@ -1,0 +1,164 @@
+"""Megatron training mechanics: DDP wrapping, the (distributed) optimizer and its LR schedule, and one
+forward/backward over a list of micro-batches through megatron-core's own ``forward_backward_func``.
+
+Losses are global sums: every loss function returns ``sum(token_weight * per_token_loss)`` where the weights
+were normalised once per step over the global batch. So the config runs with ``calculate_per_token_loss``
+(the schedule neither divides by the micro-batch count nor DDP by the data-parallel size) and the gradient is
+the same whatever the micro-batching, DP, PP or TP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+
+from trapo_megatron.megatron import platform
+
+MicroBatch = dict[str, Any]
+"""One packed micro-batch: ``tokens`` (1, S) long, ``position_ids`` (1, S) long, ``attention_mask``
+(1, 1, S, S) bool (True = masked; block-diagonal causal over the packed sequences) and any per-token
+tensors (S,) the loss needs."""
+
+LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``loss_fn(logits (S, V/TP), micro_batch) -> (global-normalised loss sum, metric sums)``."""
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """Adam through megatron-core's optimizer (distributed optimizer by default)."""
+
+    lr: float = 1e-6
+    """Peak learning rate (paper: 5e-6 constant; official script: 1e-6)."""
+    min_lr: float = 0.0
+    """Floor of the decay schedules."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate decay after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optimizer.min_lr must be in [0, optimizer.lr], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.clip_grad < 0:
+            raise ValueError(f"optimizer.clip_grad must be >= 0, got {self.clip_grad}")
+
+
+def wrap_ddp(chunks: list[Any], use_distributed_optimizer: bool = True) -> list[Any]:
+    """Megatron DDP around each model chunk (contiguous fp32 grad buffers, reduce-scatter with ZeRO-1)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
+    )
+    with platform.cuda_literals_on_cpu():
+        wrapped = [
+            DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c,
+                                    disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)
+        ]
+    for c in wrapped:
+        c.config.finalize_model_grads_func = _finalize_grads
+    return wrapped
+
+
+def _finalize_grads(chunks: list[Any], num_tokens: Any = None, **kwargs: Any) -> None:
+    """DP reduce, tied-embedding all-reduce across PP stages; never rescale by a token count, because our
+    loss is already a globally normalised sum."""
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(chunks, None, **kwargs)
+
+
+def build_optimizer(ddp_chunks: list[Any], cfg: OptimizerConfig, total_steps: int) -> tuple[Any, Any]:
+    """(megatron optimizer, LR scheduler) for DDP-wrapped chunks."""
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    model_config = ddp_chunks[0].config
+    mcfg = MegatronOptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad, use_distributed_optimizer=cfg.use_distributed_optimizer,
+        bf16=model_config.bf16, fp16=model_config.fp16, params_dtype=model_config.params_dtype,
+    )
+    with platform.cuda_literals_on_cpu():
+        optimizer = get_megatron_optimizer(mcfg, ddp_chunks)
+    decay_steps = max(total_steps, cfg.warmup_steps + 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if cfg.warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=cfg.lr_schedule,
+        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def forward_backward(
+    chunks: list[Any], micro_batches: list[MicroBatch], loss_fn: LossFn, *, forward_only: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Run megatron-core's schedule (1F1B with PP) over ``micro_batches``.
+
+    Returns the metric dicts of every micro-batch on the last pipeline stage (empty list elsewhere). Each dict
+    has ``loss`` (a clone: the schedule edits its loss in place) plus the loss function's metric sums.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        logits = model(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=None)
+
+        def loss_func(output: torch.Tensor):
+            # (1, S, V/TP) -> (S, V/TP)
+            loss, metrics = loss_fn(output.reshape(-1, output.shape[-1]), mb)
+            reported = {"loss": loss.detach().clone(), **{k: v.detach() for k, v in metrics.items()}}
+            return loss, torch.ones((), dtype=torch.int), reported
+
+        return logits, loss_func
+
+    seq_len = max(mb["tokens"].shape[1] for mb in micro_batches)
+    with platform.cuda_literals_on_cpu():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=seq_len,
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+    return list(out)
+
+
+def optimizer_step(optimizer: Any, scheduler: Any) -> tuple[bool, float]:
+    """One optimizer step (grads were reduced by DDP's finish_grad_sync inside the schedule).
+
+    Returns (applied, grad_norm)."""
+    with platform.cuda_literals_on_cpu():
+        applied, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    return bool(applied), float(grad_norm if grad_norm is not None else 0.0)
+
+
+def zero_grad(ddp_chunks: list[Any], optimizer: Any) -> None:
+    for c in ddp_chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
