@@ -46,6 +46,14 @@ def test_last_boxed():
 
 @pytest.fixture(scope="module")
 def pool():
+    """Generous limits: real pairs must never time out, even on a loaded machine."""
+    with MathRewardPool(RewardConfig(num_workers=2, timeout_s=5.0, backstop_timeout_s=10.0)) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def tight_pool():
+    """Short limits for the adversarial strings (its workers fork from the same preloaded fork server)."""
     with MathRewardPool(RewardConfig(num_workers=2, timeout_s=1.0, backstop_timeout_s=2.5)) as p:
         yield p
 
@@ -57,10 +65,10 @@ def test_real_answer_pairs(pool):
 
 
 @pytest.mark.parametrize("name,response,gold", ADVERSARIAL, ids=[a[0] for a in ADVERSARIAL])
-def test_adversarial_returns_within_the_timeout(pool, name, response, gold):
+def test_adversarial_returns_within_the_timeout(tight_pool, name, response, gold):
     t0 = time.monotonic()
-    assert pool.score([response], [gold])[0] in (0.0, 1.0)
-    assert time.monotonic() - t0 < pool.cfg.backstop_timeout_s + 1.0, name
+    assert tight_pool.score([response], [gold])[0] in (0.0, 1.0)
+    assert time.monotonic() - t0 < tight_pool.cfg.backstop_timeout_s + 1.0, name
 
 
 def test_several_items_keep_input_order(pool):
@@ -93,7 +101,7 @@ class _FlakyPool(MathRewardPool):
 
 
 def test_hang_and_crash_score_zero_and_are_counted():
-    cfg = RewardConfig(num_workers=2, timeout_s=0.5, backstop_timeout_s=1.5)
+    cfg = RewardConfig(num_workers=2, timeout_s=2.0, backstop_timeout_s=3.0)
     with _FlakyPool(cfg) as pool:
         t0 = time.monotonic()
         got = pool.score(["__hang__", "\\boxed{1}", "__crash__", "\\boxed{2}", "\\boxed{3}"], ["1", "1", "1", "2", "4"])
