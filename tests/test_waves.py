@@ -9,7 +9,7 @@ from trapo_megatron.data.dataset import Example
 from trapo_megatron.data.prefix import cut_prefix
 from trapo_megatron.reward.math_reward import last_boxed
 from trapo_megatron.rollout import Generation
-from trapo_megatron.rollout.waves import RolloutConfig, run_waves
+from trapo_megatron.rollout.waves import RolloutConfig, run_waves, wave_metrics
 
 SOLUTION = "Subtract 3 from both sides.\n\nDivide both sides by 2.\n\nCheck: 2 * 4 + 3 = 11.\n\nSo \\boxed{{{a}}}."
 SECOND = "Try x = 4: 2 * 4 + 3 = 11.\n\n\\boxed{{{a}}}"
@@ -99,6 +99,9 @@ def test_full_expert_is_not_generated(tok):
 def test_decisions_prefixes_and_sft_flags(tok):
     examples, engine, _, groups, _ = _run(tok, {0: "always", 1: "never", 2: "guided"})
     a, b, c = groups
+    m = wave_metrics(groups)  # unguided samples only: all of a (8 right), first 4 of b and c (wrong)
+    assert m["reward/mean_unguided"] == 8 / 16 and m["samples/expert_only"] == 2
+    assert m["guided_fraction/mg2"] == m["guided_fraction/mg4"] == 2 / 3 and m["samples/guided_fraction"] == 8 / 24
     assert not any(r.guided for r in a) and all(r.reward == 1.0 and r.prefix_ids == [] for r in a)
     assert [r.guided for r in b] == [False] * 4 + [True] * 4 and [r.ratio for r in b][4:] == [0.2, 0.2, 0.5, 1.0]
     assert [r.reward for r in c] == [0.0] * 4 + [1.0] * 4
