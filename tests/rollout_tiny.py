@@ -1,4 +1,4 @@
-"""Tiny tokenizer and model builders shared by the data / reward / rollout tests (milliseconds, no network)."""
+"""Tiny tokenizer and model builders shared by the data / reward / rollout tests (fast, no network)."""
 
 from __future__ import annotations
 
@@ -33,10 +33,12 @@ def tiny_tokenizer(chat: bool = True, vocab_size: int = 512):
 
     tok = Tokenizer(models.BPE())
     # Paragraph breaks become their own pre-token (as in Qwen's regex), so "\n\n" can be one token.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n\n+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n\n+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
@@ -52,7 +54,12 @@ def tiny_qwen2_config(vocab_size: int, tie: bool = True):
     from transformers import Qwen2Config
 
     return Qwen2Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
         tie_word_embeddings=tie,
     )

@@ -5,7 +5,14 @@ import json
 import pytest
 from rollout_tiny import FIXTURE, tiny_tokenizer
 
-from trapo_megatron.data import BadRowError, DataConfig, PromptConfig, build_examples, load_examples, prompt_text
+from trapo_megatron.data import (
+    BadRowError,
+    DataConfig,
+    PromptConfig,
+    build_examples,
+    load_examples,
+    prompt_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +36,22 @@ def test_load_jsonl_chat_prompt(tok):
 def test_parquet_folder_plain_prompt_and_columns(tok, tmp_path):
     import datasets
 
-    rows = [{"q": "347+285=", "a": "632", "s": "7+5+0=12;4+8+1=13;3+2+1=06;\\boxed{632}", "s2": "alt \\boxed{632}"}]
+    rows = [
+        {
+            "q": "347+285=",
+            "a": "632",
+            "s": "7+5+0=12;4+8+1=13;3+2+1=06;\\boxed{632}",
+            "s2": "alt \\boxed{632}",
+        }
+    ]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "part-0.parquet"))
-    cfg = DataConfig(path=str(tmp_path), problem_column="q", answer_column="a", solution_column="s",
-                     second_solution_column="s2")
+    cfg = DataConfig(
+        path=str(tmp_path),
+        problem_column="q",
+        answer_column="a",
+        solution_column="s",
+        second_solution_column="s2",
+    )
     examples, _ = load_examples(cfg, PromptConfig(template="plain", instruction=""), tok)
     assert tok.decode(examples[0].prompt_ids) == "347+285="
     assert [tok.decode(s) for s in examples[0].solution_ids] == [rows[0]["s"], rows[0]["s2"]]
@@ -78,8 +97,12 @@ def test_skip_mode_counts(tok, tmp_path):
     examples, stats = load_examples(cfg, PromptConfig(template="plain"), tok)
     assert [e.index for e in examples] == [0, len(rows) - 1]
     assert stats.num_rows == len(rows) and stats.num_kept == 2 and stats.num_skipped == len(rows) - 2
-    assert stats.skipped == {"answer: is empty": 1, "problem: is missing": 1, "solution: is empty": 1,
-                             "problem: gives a prompt over the limit": 1}
+    assert stats.skipped == {
+        "answer: is empty": 1,
+        "problem: is missing": 1,
+        "solution: is empty": 1,
+        "problem: gives a prompt over the limit": 1,
+    }
     # in-memory rows can mix types that a jsonl file cannot: every kind of bad row is counted
     _, stats = build_examples([GOOD] + [b for b, _, _ in BAD_ROWS], cfg, PromptConfig(template="plain"), tok)
     assert stats.num_skipped == len(BAD_ROWS) and stats.num_kept == 1
@@ -91,8 +114,10 @@ def test_solution_limit(tok):
         build_examples([GOOD], cfg, PromptConfig(template="plain"), tok)
 
 
-@pytest.mark.parametrize("kwargs,knob", [(dict(on_bad_row="warn"), "data.on_bad_row"),
-                                         (dict(expert_text="all"), "data.expert_text")])
+@pytest.mark.parametrize(
+    "kwargs,knob",
+    [(dict(on_bad_row="warn"), "data.on_bad_row"), (dict(expert_text="all"), "data.expert_text")],
+)
 def test_config_errors(kwargs, knob):
     with pytest.raises(ValueError, match=knob):
         DataConfig(path="x", **kwargs)

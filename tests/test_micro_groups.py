@@ -5,7 +5,7 @@ import pytest
 from trapo_megatron.algo.micro_groups import MicroGroupConfig, cut_length, decide
 
 # (case, rewards of MG1..MG3 as they come out, expected guided flags of MG1..MG4)
-# paper: guided iff mean(earlier) < t = (-1, 0.5, 0.7, 0.9); official: guided iff count(earlier) < (-, 2, 4, 7).
+# paper: guided iff mean(earlier) < t = (-1, 0.5, 0.7, 0.9); official: iff count(earlier) < (-, 2, 4, 7).
 PAPER = [
     ("all wrong", [[0, 0, 0, 0], [0, 0], [0]], [False, True, True, True]),
     ("mean exactly 0.5 is not < 0.5", [[1, 1, 0, 0], [1, 1], [1]], [False, False, True, True]),
@@ -34,14 +34,18 @@ def _run(cfg, rewards_per_mg, has_second=False):
     return decisions
 
 
-@pytest.mark.parametrize("mode,case,rewards,expected", [("paper", *c) for c in PAPER] + [("official", *c) for c in OFFICIAL])
+@pytest.mark.parametrize(
+    "mode,case,rewards,expected", [("paper", *c) for c in PAPER] + [("official", *c) for c in OFFICIAL]
+)
 def test_schedule_rule(mode, case, rewards, expected):
     cfg = MicroGroupConfig(mode=mode)
     got = [d.guided for d in _run(cfg, rewards)]
     assert got == expected, case
 
 
-@pytest.mark.parametrize("mode,ratios", [("paper", (0.0, 0.2, 0.5, 1.0)), ("official", (0.0, 0.25, 0.5, 1.0))])
+@pytest.mark.parametrize(
+    "mode,ratios", [("paper", (0.0, 0.2, 0.5, 1.0)), ("official", (0.0, 0.25, 0.5, 1.0))]
+)
 def test_decision_fields(mode, ratios):
     cfg = MicroGroupConfig(mode=mode)
     d = _run(cfg, [[0, 0, 0, 0], [0, 0], [0]], has_second=True)

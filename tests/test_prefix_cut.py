@@ -33,7 +33,9 @@ def expert(tok):
     ],
 )
 def test_cut_index_table(n, ratio, positions, window, expected):
-    assert cut_index(n, ratio, rounding="floor", snap_window=window, paragraph_positions=positions) == expected
+    assert (
+        cut_index(n, ratio, rounding="floor", snap_window=window, paragraph_positions=positions) == expected
+    )
 
 
 def test_think_text():

@@ -1,4 +1,4 @@
-"""math-verify rewards in the process pool: real answer pairs, adversarial strings, timeouts, kills, crashes."""
+"""math-verify rewards in the process pool: real answer pairs, adversarial strings, timeouts, crashes."""
 
 import os
 import signal
@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from trapo_megatron.reward import MathRewardPool, RewardConfig, last_boxed
-from trapo_megatron.reward import math_reward
+from trapo_megatron.reward import MathRewardPool, RewardConfig, last_boxed, math_reward
 
 # (response, gold, expected reward)
 PAIRS = [
@@ -104,7 +103,9 @@ def test_hang_and_crash_score_zero_and_are_counted():
     cfg = RewardConfig(num_workers=2, timeout_s=2.0, backstop_timeout_s=3.0)
     with _FlakyPool(cfg) as pool:
         t0 = time.monotonic()
-        got = pool.score(["__hang__", "\\boxed{1}", "__crash__", "\\boxed{2}", "\\boxed{3}"], ["1", "1", "1", "2", "4"])
+        got = pool.score(
+            ["__hang__", "\\boxed{1}", "__crash__", "\\boxed{2}", "\\boxed{3}"], ["1", "1", "1", "2", "4"]
+        )
         elapsed = time.monotonic() - t0
         assert got == [0.0, 1.0, 0.0, 1.0, 0.0]
         assert pool.stats.num_killed == 1 and pool.stats.num_crashes == 1 and pool.stats.num_graded == 5
@@ -112,9 +113,14 @@ def test_hang_and_crash_score_zero_and_are_counted():
         assert pool.score(["\\boxed{5}"], ["5"]) == [1.0]  # the pool keeps working
 
 
-@pytest.mark.parametrize("kwargs,knob", [(dict(num_workers=0), "reward.num_workers"),
-                                         (dict(timeout_s=5, backstop_timeout_s=5), "reward.backstop_timeout_s"),
-                                         (dict(start_method="fork"), "reward.start_method")])
+@pytest.mark.parametrize(
+    "kwargs,knob",
+    [
+        (dict(num_workers=0), "reward.num_workers"),
+        (dict(timeout_s=5, backstop_timeout_s=5), "reward.backstop_timeout_s"),
+        (dict(start_method="fork"), "reward.start_method"),
+    ],
+)
 def test_config_errors(kwargs, knob):
     with pytest.raises(ValueError, match=knob):
         RewardConfig(**kwargs)

@@ -29,7 +29,9 @@ def _full_forward_logprobs(model, prompt, gen, params):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
 def test_logprobs_equal_independent_forward(engine, temperature):
-    params = [SamplingParams(temperature=temperature, max_tokens=12, seed=100 + i) for i in range(len(PROMPTS))]
+    params = [
+        SamplingParams(temperature=temperature, max_tokens=12, seed=100 + i) for i in range(len(PROMPTS))
+    ]
     outs = engine.generate(PROMPTS, params)
     for prompt, gen, p in zip(PROMPTS, outs, params):
         assert len(gen.token_ids) == len(gen.logprobs) == 12 and gen.finish_reason == "length"
@@ -65,7 +67,9 @@ def test_seeds_reproduce_independently_of_the_batch(engine):
 def test_stop_token_ends_the_request(engine):
     greedy = engine.generate([PROMPTS[0]], [SamplingParams(temperature=0, max_tokens=5)])[0]
     stop = greedy.token_ids[2]
-    gen = engine.generate([PROMPTS[0]], [SamplingParams(temperature=0, max_tokens=5, stop_token_ids=(stop,))])[0]
+    gen = engine.generate(
+        [PROMPTS[0]], [SamplingParams(temperature=0, max_tokens=5, stop_token_ids=(stop,))]
+    )[0]
     first = greedy.token_ids.index(stop)
     assert gen.token_ids == greedy.token_ids[: first + 1] and gen.finish_reason == "stop"
 
@@ -73,7 +77,9 @@ def test_stop_token_ends_the_request(engine):
 def test_load_weights_is_strict_and_exact(engine):
     torch.manual_seed(1)
     src = CpuEngine(tiny_qwen2_config(VOCAB))
-    stream = [(k, v.clone()) for k, v in src.model.state_dict().items() if k != "lm_head.weight"]  # tied: no head
+    stream = [
+        (k, v.clone()) for k, v in src.model.state_dict().items() if k != "lm_head.weight"
+    ]  # tied: no head
     engine.load_weights(iter(stream))
     x = torch.tensor([PROMPTS[2]])
     with torch.no_grad():

@@ -7,8 +7,14 @@ import pathlib
 import trapo_megatron
 
 ROOT = pathlib.Path(trapo_megatron.__file__).parent
-FILES = sorted([*ROOT.glob("data/*.py"), *ROOT.glob("reward/*.py"), *ROOT.glob("rollout/*.py"),
-                ROOT / "algo" / "micro_groups.py"])
+FILES = sorted(
+    [
+        *ROOT.glob("data/*.py"),
+        *ROOT.glob("reward/*.py"),
+        *ROOT.glob("rollout/*.py"),
+        ROOT / "algo" / "micro_groups.py",
+    ]
+)
 FORBIDDEN = {"megatron", "vllm", "nemo_run"}
 
 
@@ -30,8 +36,10 @@ def _module_level_imports(tree: ast.Module) -> set[str]:
 
 def test_no_gpu_stack_at_module_level():
     assert len(FILES) >= 10
-    bad = {str(f.relative_to(ROOT)): sorted(_module_level_imports(ast.parse(f.read_text())) & FORBIDDEN)
-           for f in FILES}
+    bad = {
+        str(f.relative_to(ROOT)): sorted(_module_level_imports(ast.parse(f.read_text())) & FORBIDDEN)
+        for f in FILES
+    }
     assert not {k: v for k, v in bad.items() if v}, bad
 
 

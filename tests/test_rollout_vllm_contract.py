@@ -51,7 +51,9 @@ class _FakeLLM:
         for p, sp in zip(prompts, sampling_params):
             toks = [p["prompt_token_ids"][-1] + 1, 2]
             lps = [{t: SimpleNamespace(logprob=-0.5 * (i + 1))} for i, t in enumerate(toks)]
-            outs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=toks, logprobs=lps, finish_reason="stop")]))
+            outs.append(
+                SimpleNamespace(outputs=[SimpleNamespace(token_ids=toks, logprobs=lps, finish_reason="stop")])
+            )
         return outs
 
 
@@ -115,9 +117,13 @@ def test_refit_order_dtype_and_tied_head(fake_vllm):
     )
     eng.load_weights(stream)
     assert [e[0] for e in log] == ["sleep", "wake_up", "load_weights", "wake_up", "reset_prefix_cache"]
-    assert log[1] == ("wake_up", ["weights"]) and log[3] == ("wake_up", ["kv_cache"]) and log[0] == ("sleep", 1)
-    assert log[2][1] == [("model.embed_tokens.weight", torch.bfloat16), ("model.layers.0.mlp.up_proj.weight",
-                                                                        torch.bfloat16)]
+    assert (
+        log[1] == ("wake_up", ["weights"]) and log[3] == ("wake_up", ["kv_cache"]) and log[0] == ("sleep", 1)
+    )
+    assert log[2][1] == [
+        ("model.embed_tokens.weight", torch.bfloat16),
+        ("model.layers.0.mlp.up_proj.weight", torch.bfloat16),
+    ]
     assert not eng.is_sleeping
     log.clear()
     eng.load_weights([("model.norm.weight", torch.ones(2))])  # awake: no wake calls, prefix cache still reset
@@ -126,15 +132,27 @@ def test_refit_order_dtype_and_tied_head(fake_vllm):
 
 def test_generate_requests(fake_vllm):
     eng = VllmEngine("/m")
-    params = [SamplingParams(temperature=0.9, top_p=0.95, top_k=0, max_tokens=16, seed=s, stop_token_ids=(2,))
-              for s in (11, 12)]
+    params = [
+        SamplingParams(temperature=0.9, top_p=0.95, top_k=0, max_tokens=16, seed=s, stop_token_ids=(2,))
+        for s in (11, 12)
+    ]
     outs = eng.generate([[5, 6], [7]], params)
     _, prompts, sps, use_tqdm = _FakeLLM.instances[0].log[-1]
     assert prompts == [{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [7]}] and use_tqdm is False
     assert [sp["seed"] for sp in sps] == [11, 12]
-    assert all(sp["logprobs"] == 0 and sp["stop_token_ids"] == [2] and sp["n"] == 1 and sp["detokenize"] is False
-               and sp["temperature"] == 0.9 and sp["top_p"] == 0.95 and sp["max_tokens"] == 16 for sp in sps)
-    assert outs[0].token_ids == [7, 2] and outs[0].logprobs == [-0.5, -1.0] and outs[0].finish_reason == "stop"
+    assert all(
+        sp["logprobs"] == 0
+        and sp["stop_token_ids"] == [2]
+        and sp["n"] == 1
+        and sp["detokenize"] is False
+        and sp["temperature"] == 0.9
+        and sp["top_p"] == 0.95
+        and sp["max_tokens"] == 16
+        for sp in sps
+    )
+    assert (
+        outs[0].token_ids == [7, 2] and outs[0].logprobs == [-0.5, -1.0] and outs[0].finish_reason == "stop"
+    )
     assert eng.num_generate_calls == 1
     eng.sleep()
     with pytest.raises(RuntimeError, match="sleeping"):

@@ -11,7 +11,9 @@ from trapo_megatron.reward.math_reward import last_boxed
 from trapo_megatron.rollout import Generation
 from trapo_megatron.rollout.waves import RolloutConfig, run_waves, wave_metrics
 
-SOLUTION = "Subtract 3 from both sides.\n\nDivide both sides by 2.\n\nCheck: 2 * 4 + 3 = 11.\n\nSo \\boxed{{{a}}}."
+SOLUTION = (
+    "Subtract 3 from both sides.\n\nDivide both sides by 2.\n\nCheck: 2 * 4 + 3 = 11.\n\nSo \\boxed{{{a}}}."
+)
 SECOND = "Try x = 4: 2 * 4 + 3 = 11.\n\n\\boxed{{{a}}}"
 
 
@@ -23,7 +25,9 @@ def tok():
 def _example(tok, index, answer, second=False):
     sols = [SOLUTION.format(a=answer)] + ([SECOND.format(a=answer)] if second else [])
     return Example(
-        index=index, problem=f"p{index}", answer=answer,
+        index=index,
+        problem=f"p{index}",
+        answer=answer,
         prompt_ids=tok(f"Problem {index}: solve 2x+3=11.", add_special_tokens=False)["input_ids"],
         solution_ids=[tok(s, add_special_tokens=False)["input_ids"] for s in sols],
     )
@@ -50,12 +54,16 @@ class ScriptedEngine:
         self.calls.append((list(map(list, prompts)), list(params)))
         out = []
         for q, p in zip(prompts, params):
-            ex = max((e for e in self.examples if list(q[: len(e.prompt_ids)]) == e.prompt_ids),
-                     key=lambda e: len(e.prompt_ids))
+            ex = max(
+                (e for e in self.examples if list(q[: len(e.prompt_ids)]) == e.prompt_ids),
+                key=lambda e: len(e.prompt_ids),
+            )
             guided = len(q) > len(ex.prompt_ids)
             right = {"always": True, "never": False, "guided": guided}[self.policy[ex.index]]
             text = f" so \\boxed{{{ex.answer if right else 'wrong'}}}"
-            ids = self.tok(text, add_special_tokens=False)["input_ids"][: p.max_tokens - 1] + [self.tok.eos_token_id]
+            ids = self.tok(text, add_special_tokens=False)["input_ids"][: p.max_tokens - 1] + [
+                self.tok.eos_token_id
+            ]
             out.append(Generation(token_ids=ids, logprobs=[-0.1] * len(ids), finish_reason="stop"))
         return out
 
@@ -68,8 +76,15 @@ class ScriptedEngine:
 def _run(tok, policy, mode="paper", second=False, **cfg):
     examples = [_example(tok, i, str(10 + i), second=second) for i in policy]
     engine, scorer = ScriptedEngine(tok, examples, policy), BoxScorer()
-    groups, stats = run_waves(examples, schedule=MicroGroupConfig(mode=mode), engine=engine, scorer=scorer,
-                              tokenizer=tok, cfg=RolloutConfig(**cfg), step=3)
+    groups, stats = run_waves(
+        examples,
+        schedule=MicroGroupConfig(mode=mode),
+        engine=engine,
+        scorer=scorer,
+        tokenizer=tok,
+        cfg=RolloutConfig(**cfg),
+        step=3,
+    )
     return examples, engine, scorer, groups, stats
 
 
@@ -101,24 +116,39 @@ def test_decisions_prefixes_and_sft_flags(tok):
     a, b, c = groups
     m = wave_metrics(groups)  # unguided samples only: all of a (8 right), first 4 of b and c (wrong)
     assert m["reward/mean_unguided"] == 8 / 16 and m["samples/expert_only"] == 2
-    assert m["guided_fraction/mg2"] == m["guided_fraction/mg4"] == 2 / 3 and m["samples/guided_fraction"] == 8 / 24
+    assert (
+        m["guided_fraction/mg2"] == m["guided_fraction/mg4"] == 2 / 3
+        and m["samples/guided_fraction"] == 8 / 24
+    )
     assert not any(r.guided for r in a) and all(r.reward == 1.0 and r.prefix_ids == [] for r in a)
-    assert [r.guided for r in b] == [False] * 4 + [True] * 4 and [r.ratio for r in b][4:] == [0.2, 0.2, 0.5, 1.0]
+    assert [r.guided for r in b] == [False] * 4 + [True] * 4 and [r.ratio for r in b][4:] == [
+        0.2,
+        0.2,
+        0.5,
+        1.0,
+    ]
     assert [r.reward for r in c] == [0.0] * 4 + [1.0] * 4
     for g, ex in zip(groups, examples):
         for mg in (1, 2, 3):
             rs = [r for r in g if r.micro_group == mg]
             assert sum(r.sft_on_prefix for r in rs) == (1 if rs[0].guided else 0)  # one per shared prefix
             if rs[0].guided:
-                want = cut_prefix(ex.solution_ids[0], rs[0].ratio, MicroGroupConfig(), eos_id=tok.eos_token_id)
+                want = cut_prefix(
+                    ex.solution_ids[0], rs[0].ratio, MicroGroupConfig(), eos_id=tok.eos_token_id
+                )
                 assert all(r.prefix_ids == want for r in rs)
 
 
 def test_continuation_starts_right_after_the_prefix(tok):
     _, engine, _, groups, _ = _run(tok, {0: "never", 1: "always"}, max_response_tokens=64)
     sent = [(q, p) for prompts, params in engine.calls for q, p in zip(prompts, params)]
-    generated = [r for mg in range(4) for g in groups for r in g  # in wave order, as sent
-                 if r.micro_group == mg and r.finish_reason != "expert"]
+    generated = [
+        r
+        for mg in range(4)
+        for g in groups
+        for r in g  # in wave order, as sent
+        if r.micro_group == mg and r.finish_reason != "expert"
+    ]
     assert len(sent) == len(generated)
     for (q, p), r in zip(sent, generated):
         assert q == r.prompt_ids + r.prefix_ids  # the request is prompt + prefix, nothing else
@@ -145,8 +175,15 @@ def test_cpu_engine_end_to_end(tok):
     torch.manual_seed(0)
     engine = CpuEngine(tiny_qwen2_config(len(tok)))
     examples = [_example(tok, 0, "10"), _example(tok, 1, "11", second=True)]
-    groups, stats = run_waves(examples, schedule=MicroGroupConfig(), engine=engine, scorer=BoxScorer(),
-                              tokenizer=tok, cfg=RolloutConfig(max_response_tokens=24), step=0)
+    groups, stats = run_waves(
+        examples,
+        schedule=MicroGroupConfig(),
+        engine=engine,
+        scorer=BoxScorer(),
+        tokenizer=tok,
+        cfg=RolloutConfig(max_response_tokens=24),
+        step=0,
+    )
     assert engine.num_generate_calls == stats.num_engine_calls <= 4
     for g, ex in zip(groups, examples):
         assert len(g) == 8

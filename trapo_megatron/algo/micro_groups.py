@@ -30,12 +30,22 @@ Rounding = Literal["ceil", "floor"]
 # thresholds[0] is never read (micro-group 1 is never guided).
 MODE_DEFAULTS: dict[str, dict] = {
     "paper": dict(
-        sizes=(4, 2, 1, 1), ratios=(0.0, 0.2, 0.5, 1.0), thresholds=(-1.0, 0.5, 0.7, 0.9),
-        rounding="ceil", snap_window=0.0, second_solution_last=False, eos_in_length=False,
+        sizes=(4, 2, 1, 1),
+        ratios=(0.0, 0.2, 0.5, 1.0),
+        thresholds=(-1.0, 0.5, 0.7, 0.9),
+        rounding="ceil",
+        snap_window=0.0,
+        second_solution_last=False,
+        eos_in_length=False,
     ),
     "official": dict(
-        sizes=(4, 2, 1, 1), ratios=(0.0, 0.25, 0.5, 1.0), thresholds=(-1, 2, 4, 7),
-        rounding="floor", snap_window=0.3, second_solution_last=True, eos_in_length=True,
+        sizes=(4, 2, 1, 1),
+        ratios=(0.0, 0.25, 0.5, 1.0),
+        thresholds=(-1, 2, 4, 7),
+        rounding="floor",
+        snap_window=0.3,
+        second_solution_last=True,
+        eos_in_length=True,
     ),
 }
 
@@ -49,13 +59,13 @@ class MicroGroupConfig:
     sizes: tuple[int, ...] | None = None
     """n_i, samples per micro-group; their sum is the group size G."""
     ratios: tuple[float, ...] | None = None
-    """L_i, fraction of the expert solution given as prefix when micro-group i is guided; ratios[0] must be 0."""
+    """L_i, fraction of the expert solution given as prefix when micro-group i is guided; ratios[0] is 0."""
     thresholds: tuple[float, ...] | None = None
     """t_i: a mean return (paper) or a count of correct samples (official); thresholds[0] is unused."""
     rounding: Rounding | None = None
     """How L * |y*| becomes a token count: "ceil" (paper's y*_{<=ceil(L|y*|)}) or "floor" (official int())."""
     snap_window: float | None = None
-    """Move the cut forward to just after the first paragraph-break token within +snap_window*|y*|; 0 = off."""
+    """Move the cut to just after the first paragraph-break token within +snap_window*|y*|; 0 = off."""
     second_solution_last: bool | None = None
     """Guide the last micro-group with the row's second expert solution when it has one."""
     eos_in_length: bool | None = None
@@ -78,13 +88,16 @@ class MicroGroupConfig:
         for name in ("ratios", "thresholds"):
             if len(getattr(self, name)) != k:
                 raise ValueError(
-                    f"micro_groups.{name} has {len(getattr(self, name))} entries, sizes has {k}: give one per "
+                    f"micro_groups.{name} has {len(getattr(self, name))} entries, sizes has {k}: give one "
+                    "per "
                     "micro-group"
                 )
         if any(s < 1 for s in self.sizes):
             raise ValueError(f"micro_groups.sizes must all be >= 1, got {self.sizes}")
         if self.ratios[0] != 0.0:
-            raise ValueError(f"micro_groups.ratios[0] must be 0 (micro-group 1 explores alone), got {self.ratios[0]}")
+            raise ValueError(
+                f"micro_groups.ratios[0] must be 0 (micro-group 1 explores alone), got {self.ratios[0]}"
+            )
         if any(not 0.0 < r <= 1.0 for r in self.ratios[1:]):
             raise ValueError(f"micro_groups.ratios[1:] must lie in (0, 1], got {self.ratios[1:]}")
         if self.rounding not in ("ceil", "floor"):
@@ -135,7 +148,9 @@ def is_guided(cfg: MicroGroupConfig, index: int, earlier_rewards: Sequence[float
         return False
     expected = sum(cfg.sizes[:index])
     if len(earlier_rewards) != expected:
-        raise ValueError(f"micro-group {index} needs the {expected} earlier rewards, got {len(earlier_rewards)}")
+        raise ValueError(
+            f"micro-group {index} needs the {expected} earlier rewards, got {len(earlier_rewards)}"
+        )
     if cfg.mode == "paper":
         return sum(earlier_rewards) / len(earlier_rewards) < cfg.thresholds[index]
     num_correct = sum(1 for r in earlier_rewards if r >= cfg.reward_threshold)

@@ -38,7 +38,7 @@ class DataConfig:
     second_solution_column: str | None = None
     """Optional column with a second expert solution (used when the solution column holds only one)."""
     expert_text: Literal["full", "think"] = "full"
-    """"think": keep only the text inside <think>...</think> (the official code); "full": the solution as is."""
+    """"think": only the text inside <think>...</think> (the official code); "full": the solution as is."""
     max_prompt_tokens: int = 1024
     """A prompt longer than this (in tokens, template included) is a bad row."""
     max_solution_tokens: int | None = None
@@ -104,7 +104,9 @@ def load_rows(cfg: DataConfig):
         builders = {_BUILDERS[os.path.splitext(f)[1]] for f in files}
         if len(builders) != 1:
             raise ValueError(f"data.path {path!r} must hold files of one type among {sorted(_BUILDERS)}")
-        ds = datasets.load_dataset(builders.pop(), data_files=[os.path.join(path, f) for f in files], split="train")
+        ds = datasets.load_dataset(
+            builders.pop(), data_files=[os.path.join(path, f) for f in files], split="train"
+        )
     else:
         ds = datasets.load_dataset(path, split=cfg.split)
     if cfg.max_rows is not None:
@@ -142,23 +144,35 @@ def validate_row(index: int, row: dict, cfg: DataConfig) -> tuple[str, str, list
 
 
 def tokenize_row(
-    index: int, problem: str, answer: str, solutions: list[str], cfg: DataConfig, prompt: PromptConfig, tokenizer
+    index: int,
+    problem: str,
+    answer: str,
+    solutions: list[str],
+    cfg: DataConfig,
+    prompt: PromptConfig,
+    tokenizer,
 ) -> Example:
     """Tokenize a validated row; a prompt or solution over its limit is a BadRowError."""
     prompt_ids = encode_prompt(problem, prompt, tokenizer)
     if len(prompt_ids) > cfg.max_prompt_tokens:
         raise BadRowError(
-            index, cfg.problem_column, "gives a prompt over the limit",
+            index,
+            cfg.problem_column,
+            "gives a prompt over the limit",
             f" ({len(prompt_ids)} tokens > data.max_prompt_tokens={cfg.max_prompt_tokens})",
         )
     solution_ids = [list(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in solutions]
     for ids in solution_ids:
         if cfg.max_solution_tokens is not None and len(ids) > cfg.max_solution_tokens:
             raise BadRowError(
-                index, cfg.solution_column, "is over the limit",
+                index,
+                cfg.solution_column,
+                "is over the limit",
                 f" ({len(ids)} tokens > data.max_solution_tokens={cfg.max_solution_tokens})",
             )
-    return Example(index=index, problem=problem, answer=answer, prompt_ids=prompt_ids, solution_ids=solution_ids)
+    return Example(
+        index=index, problem=problem, answer=answer, prompt_ids=prompt_ids, solution_ids=solution_ids
+    )
 
 
 def build_examples(rows, cfg: DataConfig, prompt: PromptConfig, tokenizer) -> tuple[list[Example], LoadStats]:

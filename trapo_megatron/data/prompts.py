@@ -36,7 +36,9 @@ def prompt_text(problem: str, cfg: PromptConfig, tokenizer) -> str:
     if cfg.template == "plain":
         return user
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("prompt.template is 'chat' but the tokenizer has no chat_template; use template='plain'")
+        raise ValueError(
+            "prompt.template is 'chat' but the tokenizer has no chat_template; use template='plain'"
+        )
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
         {"role": "user", "content": user}
     ]

@@ -54,7 +54,9 @@ class RewardConfig:
                 f"({self.timeout_s}) > 0"
             )
         if self.start_method not in ("forkserver", "spawn"):
-            raise ValueError(f"reward.start_method must be 'forkserver' or 'spawn', got {self.start_method!r}")
+            raise ValueError(
+                f"reward.start_method must be 'forkserver' or 'spawn', got {self.start_method!r}"
+            )
 
 
 @dataclass
@@ -143,7 +145,10 @@ def _worker_main(conn: Connection, cfg: RewardConfig) -> None:
             try:
                 signal.setitimer(signal.ITIMER_REAL, cfg.timeout_s)
                 score = grade(
-                    response, gold, max_response_chars=cfg.max_response_chars, max_gold_chars=cfg.max_gold_chars
+                    response,
+                    gold,
+                    max_response_chars=cfg.max_response_chars,
+                    max_gold_chars=cfg.max_gold_chars,
                 )
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
@@ -231,7 +236,12 @@ class MathRewardPool:
         s.num_correct += int(score > 0)
         s.grade_seconds += seconds
         s.by_status[status] = s.by_status.get(status, 0) + 1
-        attr = {"timeout": "num_timeouts", "killed": "num_killed", "crash": "num_crashes", "error": "num_errors"}
+        attr = {
+            "timeout": "num_timeouts",
+            "killed": "num_killed",
+            "crash": "num_crashes",
+            "error": "num_errors",
+        }
         if status in attr:
             setattr(s, attr[status], getattr(s, attr[status]) + 1)
 
@@ -257,7 +267,8 @@ class MathRewardPool:
         now = time.monotonic()
         deadlines = [
             w.since + (self.cfg.backstop_timeout_s if w.ready else self.cfg.startup_timeout_s)
-            for w in self._workers if w.item is not None or not w.ready
+            for w in self._workers
+            if w.item is not None or not w.ready
         ]
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
         by_conn = {w.conn: w for w in self._workers}
@@ -285,16 +296,20 @@ class MathRewardPool:
             if w.item is not None and now - w.since > self.cfg.backstop_timeout_s:
                 self._fail(w, scores, "killed")
             elif not w.ready and now - w.since > self.cfg.startup_timeout_s:
-                raise RuntimeError(f"a reward worker did not start within reward.startup_timeout_s="
-                                   f"{self.cfg.startup_timeout_s}")
+                raise RuntimeError(
+                    f"a reward worker did not start within reward.startup_timeout_s="
+                    f"{self.cfg.startup_timeout_s}"
+                )
 
     def _fail(self, w: _Worker, scores: list, status: str) -> None:
         if not w.ready:
             self._startup_failures += 1
             if self._startup_failures >= self._max_startup_failures:
                 self.close()
-                raise RuntimeError(f"reward workers died {self._startup_failures} times while starting "
-                                   f"(exit code {w.proc.exitcode}); is math-verify installed?")
+                raise RuntimeError(
+                    f"reward workers died {self._startup_failures} times while starting "
+                    f"(exit code {w.proc.exitcode}); is math-verify installed?"
+                )
         if w.item is not None and scores[w.item] is None:
             scores[w.item] = 0.0
             self._count(status, 0.0)

@@ -33,12 +33,16 @@ def processed_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        drop = torch.cumsum(probs, dim=-1) - probs >= p.top_p  # keep the smallest set whose mass reaches top_p
+        drop = (
+            torch.cumsum(probs, dim=-1) - probs >= p.top_p
+        )  # keep the smallest set whose mass reaches top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return torch.log_softmax(logits, dim=-1)
 
 
-def _batched_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], rows: list[int]) -> dict[int, torch.Tensor]:
+def _batched_logprobs(
+    logits: torch.Tensor, params: Sequence[SamplingParams], rows: list[int]
+) -> dict[int, torch.Tensor]:
     """processed_logprobs for the given rows of (B, V) logits, one tensor op per distinct sampling setting."""
     by_setting: dict[tuple, list[int]] = {}
     for i in rows:
@@ -57,7 +61,9 @@ class CpuEngine:
     CpuEngine.from_pretrained(path) loads a local model directory.
     """
 
-    def __init__(self, hf_config=None, *, model=None, dtype: torch.dtype = torch.float32, max_batch_size: int = 256):
+    def __init__(
+        self, hf_config=None, *, model=None, dtype: torch.dtype = torch.float32, max_batch_size: int = 256
+    ):
         from transformers import AutoModelForCausalLM
 
         if model is None:
@@ -74,7 +80,10 @@ class CpuEngine:
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, **kwargs) -> "CpuEngine":
         from transformers import AutoModelForCausalLM
 
-        return cls(model=AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa"), **kwargs)
+        return cls(
+            model=AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa"),
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -86,9 +95,15 @@ class CpuEngine:
         optional = {_TIED_HEAD} if self.tied else set()
         missing = sorted(set(targets) - set(incoming) - optional)
         if unknown or missing:
-            raise KeyError(f"load_weights: unknown names {unknown[:5]} ({len(unknown)}), missing {missing[:5]} "
-                           f"({len(missing)})")
-        bad = [(k, tuple(v.shape), tuple(targets[k].shape)) for k, v in incoming.items() if v.shape != targets[k].shape]
+            raise KeyError(
+                f"load_weights: unknown names {unknown[:5]} ({len(unknown)}), missing {missing[:5]} "
+                f"({len(missing)})"
+            )
+        bad = [
+            (k, tuple(v.shape), tuple(targets[k].shape))
+            for k, v in incoming.items()
+            if v.shape != targets[k].shape
+        ]
         if bad:
             raise ValueError(f"load_weights: shape mismatch (name, got, want): {bad[:5]}")
         for name, tensor in incoming.items():
@@ -96,16 +111,22 @@ class CpuEngine:
         self._sleeping = False
 
     # -------------------------------------------------------------------------------- generation
-    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> list[Generation]:
         check_generate_args(self._sleeping, prompts, params)
         self.num_generate_calls += 1
         out: list[Generation] = []
         for s in range(0, len(prompts), self.max_batch_size):
-            out += self._generate_batch(prompts[s : s + self.max_batch_size], params[s : s + self.max_batch_size])
+            out += self._generate_batch(
+                prompts[s : s + self.max_batch_size], params[s : s + self.max_batch_size]
+            )
         return out
 
     @torch.no_grad()
-    def _generate_batch(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Generation]:
+    def _generate_batch(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> list[Generation]:
         from transformers import DynamicCache
 
         device = next(self.model.parameters()).device
@@ -124,7 +145,11 @@ class CpuEngine:
         step_ids, step_pos = ids, positions
         for _ in range(max(p.max_tokens for p in params)):
             logits = self.model(
-                input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache, use_cache=True
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
             ).logits[:, -1]  # (B, V)
             nxt = torch.zeros(B, 1, dtype=torch.long, device=device)
             active = [i for i in range(B) if reasons[i] is None]
@@ -145,7 +170,9 @@ class CpuEngine:
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
             step_ids, step_pos = nxt, step_pos[:, -1:] + 1
-        return [Generation(token_ids=t, logprobs=lp, finish_reason=r) for t, lp, r in zip(tokens, logps, reasons)]
+        return [
+            Generation(token_ids=t, logprobs=lp, finish_reason=r) for t, lp, r in zip(tokens, logps, reasons)
+        ]
 
     # ------------------------------------------------------------------------------------- lifecycle
     def sleep(self) -> None:

@@ -10,7 +10,7 @@ Lifecycle, per training step (the trainer holds the GPU in between):
     outs = engine.generate(prompts, params)       # one call per micro-group wave
     engine.sleep()                                # free memory for the training step
     ... train ...
-    engine.load_weights(stream)                   # wake weights -> copy -> wake KV cache -> reset prefix cache
+    engine.load_weights(stream)                   # wake weights, copy, wake KV cache, reset prefix cache
     ...
     engine.close()
 
@@ -51,7 +51,9 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.max_tokens < 1:
-            raise ValueError(f"sampling top_k must be >= 0 and max_tokens >= 1, got {self.top_k}, {self.max_tokens}")
+            raise ValueError(
+                f"sampling top_k must be >= 0 and max_tokens >= 1, got {self.top_k}, {self.max_tokens}"
+            )
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ class Generation:
     finish_reason: FinishReason
 
 
-def check_generate_args(sleeping: bool, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> None:
+def check_generate_args(
+    sleeping: bool, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+) -> None:
     """The preconditions every engine's generate() enforces."""
     if sleeping:
         raise RuntimeError("generate() on a sleeping engine: call wake_up() or load_weights() first")
@@ -82,17 +86,19 @@ def check_generate_args(sleeping: bool, prompts: Sequence[Sequence[int]], params
 
 
 WeightStream = Iterable[tuple[str, torch.Tensor]]
-"""(Hugging Face parameter name, full unsharded tensor), e.g. ("model.layers.0.self_attn.q_proj.weight", W)."""
+"""(Hugging Face name, full unsharded tensor), e.g. ("model.layers.0.self_attn.q_proj.weight", W)."""
 
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """A generator the trainer can refit, query and put to sleep (see the module docstring for the lifecycle)."""
+    """A generator the trainer can refit, query and put to sleep (lifecycle: the module docstring)."""
 
     def load_weights(self, weights: WeightStream) -> None:
         """Copy every weight in (HF names, full tensors); wake as needed; drop stale prefix-cache entries."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> list[Generation]:
         """One Generation per prompt, in input order; ``params[i]`` applies to ``prompts[i]``."""
 
     def sleep(self) -> None:

@@ -138,14 +138,23 @@ class VllmEngine:
         self._sleeping = False
 
     # -------------------------------------------------------------------------------- generation
-    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> list[Generation]:
         check_generate_args(self._sleeping, prompts, params)
         vllm = import_vllm()
         requests = [vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         sampling = [
             vllm.SamplingParams(
-                n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens, seed=p.seed,
-                logprobs=0, stop_token_ids=list(p.stop_token_ids), detokenize=False,
+                n=1,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                max_tokens=p.max_tokens,
+                seed=p.seed,
+                logprobs=0,
+                stop_token_ids=list(p.stop_token_ids),
+                detokenize=False,
             )
             for p in params
         ]

@@ -130,13 +130,25 @@ class _Wave:
 
 
 def _plan_samples(
-    ex: Example, d: MicroGroupDecision, offset: int, prefix: list[int], cfg: RolloutConfig, step: int,
-    stop_ids: tuple[int, ...], wave: _Wave,
+    ex: Example,
+    d: MicroGroupDecision,
+    offset: int,
+    prefix: list[int],
+    cfg: RolloutConfig,
+    step: int,
+    stop_ids: tuple[int, ...],
+    wave: _Wave,
 ) -> None:
     for j in range(d.size):
         r = Rollout(
-            example_index=ex.index, sample_index=offset + j, micro_group=d.index, guided=d.guided, ratio=d.ratio,
-            prompt_ids=list(ex.prompt_ids), prefix_ids=list(prefix), sft_on_prefix=d.guided and j == d.sft_sample,
+            example_index=ex.index,
+            sample_index=offset + j,
+            micro_group=d.index,
+            guided=d.guided,
+            ratio=d.ratio,
+            prompt_ids=list(ex.prompt_ids),
+            prefix_ids=list(prefix),
+            sft_on_prefix=d.guided and j == d.sft_sample,
             second_solution=d.use_second_solution,
         )
         wave.samples.append(r)
@@ -148,8 +160,12 @@ def _plan_samples(
             r.finish_reason = "budget"
             continue
         params = SamplingParams(
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=budget,
-            seed=request_seed(cfg.seed, step, ex.index, r.sample_index), stop_token_ids=stop_ids,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            max_tokens=budget,
+            seed=request_seed(cfg.seed, step, ex.index, r.sample_index),
+            stop_token_ids=stop_ids,
         )
         wave.requests.append((r, r.prompt_ids + r.prefix_ids, params))
 
@@ -178,11 +194,17 @@ def run_waves(
         wave = _Wave()
         num_guided = 0
         for p, ex in enumerate(examples):
-            d = decide(schedule, mg, [r.reward for r in groups[p]], has_second_solution=len(ex.solution_ids) > 1)
+            d = decide(
+                schedule, mg, [r.reward for r in groups[p]], has_second_solution=len(ex.solution_ids) > 1
+            )
             num_guided += d.guided
             solution = ex.solution_ids[1 if d.use_second_solution else 0]
-            prefix = cut_prefix(solution, d.ratio, schedule, eos_id=eos, paragraph_ids=para) if d.guided else []
-            prefix = prefix[: cfg.max_response_tokens]  # as the official code; data.max_solution_tokens avoids it
+            prefix = (
+                cut_prefix(solution, d.ratio, schedule, eos_id=eos, paragraph_ids=para) if d.guided else []
+            )
+            prefix = prefix[
+                : cfg.max_response_tokens
+            ]  # as the official code; data.max_solution_tokens avoids it
             start = len(wave.samples)
             _plan_samples(ex, d, offset, prefix, cfg, step, stop_ids, wave)
             groups[p].extend(wave.samples[start:])  # rewards arrive after the wave is graded
@@ -211,7 +233,9 @@ def wave_metrics(groups: Sequence[Sequence[Rollout]]) -> dict[str, float]:
         "samples/truncated_fraction": sum(r.finish_reason == "length" for r in plain) / max(len(plain), 1),
     }
     for mg in sorted({r.micro_group for r in flat} - {0}):
-        firsts = [next(r for r in g if r.micro_group == mg) for g in groups if any(r.micro_group == mg for r in g)]
+        firsts = [
+            next(r for r in g if r.micro_group == mg) for g in groups if any(r.micro_group == mg for r in g)
+        ]
         out[f"guided_fraction/mg{mg + 1}"] = sum(r.guided for r in firsts) / max(len(firsts), 1)
     return out
 
@@ -226,13 +250,19 @@ def _generate(engine: RolloutEngine, wave: _Wave, stats: WaveStats) -> None:
     stats.num_engine_calls += 1
     stats.num_generated += len(outs)
     for (r, _, _), g in zip(wave.requests, outs, strict=True):
-        r.continuation_ids, r.continuation_logprobs, r.finish_reason = g.token_ids, g.logprobs, g.finish_reason
+        r.continuation_ids, r.continuation_logprobs, r.finish_reason = (
+            g.token_ids,
+            g.logprobs,
+            g.finish_reason,
+        )
 
 
 def _score(scorer: Scorer, tokenizer, examples: Sequence[Example], wave: _Wave, stats: WaveStats) -> None:
     t0 = time.perf_counter()
     texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in wave.samples]
     golds = {ex.index: ex.answer for ex in examples}
-    for r, s in zip(wave.samples, scorer.score(texts, [golds[r.example_index] for r in wave.samples]), strict=True):
+    for r, s in zip(
+        wave.samples, scorer.score(texts, [golds[r.example_index] for r in wave.samples]), strict=True
+    ):
         r.reward = float(s)
     stats.score_seconds += time.perf_counter() - t0
