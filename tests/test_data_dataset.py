@@ -121,3 +121,30 @@ def test_solution_limit(tok):
 def test_config_errors(kwargs, knob):
     with pytest.raises(ValueError, match=knob):
         DataConfig(path="x", **kwargs)
+
+
+def test_openr1_generations_filtered_by_correctness(tok):
+    """OpenR1-Math-220k keeps several generations and a math-verify verdict per generation."""
+    cfg = DataConfig(
+        path="unused",
+        solution_column="generations",
+        solution_ok_column="correctness_math_verify",
+        expert_text="think",
+        on_bad_row="skip",
+    )
+    gens = [
+        "<think>\nwrong\n</think> \\boxed{3}",
+        "<think>\nright\n</think> \\boxed{2}",
+        "<think>\nalso\n</think>",
+    ]
+    rows = [
+        {**GOOD, "generations": gens, "correctness_math_verify": [False, True, True]},
+        {**GOOD, "generations": gens, "correctness_math_verify": [False, False, False]},
+        {**GOOD, "generations": gens, "correctness_math_verify": [True]},
+    ]
+    examples, stats = build_examples(rows, cfg, PromptConfig(template="plain"), tok)
+    assert [tok.decode(s) for s in examples[0].solution_ids] == ["right", "also"]
+    assert stats.skipped == {
+        "correctness_math_verify: marks no solution correct": 1,
+        "correctness_math_verify: does not match the solution list": 1,
+    }

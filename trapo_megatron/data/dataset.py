@@ -37,6 +37,9 @@ class DataConfig:
     """Expert solution: a string, or a list of strings (the second, if any, guides the last micro-group)."""
     second_solution_column: str | None = None
     """Optional column with a second expert solution (used when the solution column holds only one)."""
+    solution_ok_column: str | None = None
+    """Optional list-of-bools column parallel to a list solution column (OpenR1-Math-220k's
+    "correctness_math_verify" beside "generations"): only solutions marked True are kept."""
     expert_text: Literal["full", "think"] = "full"
     """"think": only the text inside <think>...</think> (the official code); "full": the solution as is."""
     max_prompt_tokens: int = 1024
@@ -124,6 +127,15 @@ def _text(index: int, column: str, value: Any) -> str:
     return value
 
 
+def _keep_ok(index: int, solutions: list[str], flags: Any, cfg: DataConfig) -> list[str]:
+    if not isinstance(flags, list) or len(flags) != len(solutions):
+        raise BadRowError(index, str(cfg.solution_ok_column), "does not match the solution list")
+    kept = [s for s, ok in zip(solutions, flags, strict=True) if ok is True]
+    if not kept:
+        raise BadRowError(index, str(cfg.solution_ok_column), "marks no solution correct")
+    return kept
+
+
 def validate_row(index: int, row: dict, cfg: DataConfig) -> tuple[str, str, list[str]]:
     """(problem, answer, solutions) of a row, or BadRowError naming the row and the field."""
     problem = _text(index, cfg.problem_column, row.get(cfg.problem_column))
@@ -136,6 +148,8 @@ def validate_row(index: int, row: dict, cfg: DataConfig) -> tuple[str, str, list
     if not values:
         raise BadRowError(index, cfg.solution_column, "is an empty list")
     solutions = [_text(index, cfg.solution_column, v) for v in values]
+    if cfg.solution_ok_column is not None:
+        solutions = _keep_ok(index, solutions, row.get(cfg.solution_ok_column), cfg)
     if cfg.second_solution_column is not None and row.get(cfg.second_solution_column) is not None:
         solutions.append(_text(index, cfg.second_solution_column, row[cfg.second_solution_column]))
     if cfg.expert_text == "think":
