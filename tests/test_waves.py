@@ -191,3 +191,19 @@ def test_cpu_engine_end_to_end(tok):
             assert len(r.prefix_ids) + len(r.continuation_ids) <= 24
             assert len(r.continuation_logprobs) == len(r.continuation_ids)
             assert r.finish_reason in ("stop", "length", "expert", "budget")
+
+
+def test_a_row_drawn_twice_gets_independent_seeds(tok):
+    ex = _example(tok, 0, "10")
+    engine = ScriptedEngine(tok, [ex], {0: "always"})
+    run_waves(
+        [ex, ex],
+        schedule=MicroGroupConfig(),
+        engine=engine,
+        scorer=BoxScorer(),
+        tokenizer=tok,
+        cfg=RolloutConfig(),
+        step=1,
+    )
+    seeds = [p.seed for _, params in engine.calls for p in params]
+    assert len(seeds) == 16 and len(set(seeds)) == 16

@@ -112,10 +112,11 @@ class WaveStats:
     score_seconds: float = 0.0
 
 
-def request_seed(base: int, step: int, example_index: int, sample_index: int) -> int:
-    """A per-request seed, the same on every rank, distinct per (step, row, sample)."""
+def request_seed(base: int, step: int, position: int, example_index: int, sample_index: int) -> int:
+    """A per-request seed, the same on every rank of a model-parallel group, distinct per (step, position in
+    the batch, row, sample): a row drawn twice in one step still gets two independent groups."""
     s = base
-    for x in (step, example_index, sample_index):
+    for x in (step, position, example_index, sample_index):
         s = (s * _SEED_MIX + x) % (2**31 - 1)
     return s
 
@@ -135,10 +136,11 @@ def _plan_samples(
     offset: int,
     prefix: list[int],
     cfg: RolloutConfig,
-    step: int,
+    where: tuple[int, int],
     stop_ids: tuple[int, ...],
     wave: _Wave,
 ) -> None:
+    """Append micro-group ``d``'s samples of ``ex`` to the wave; ``where`` = (step, position in the batch)."""
     for j in range(d.size):
         r = Rollout(
             example_index=ex.index,
@@ -164,7 +166,7 @@ def _plan_samples(
             top_p=cfg.top_p,
             top_k=cfg.top_k,
             max_tokens=budget,
-            seed=request_seed(cfg.seed, step, ex.index, r.sample_index),
+            seed=request_seed(cfg.seed, *where, ex.index, r.sample_index),
             stop_token_ids=stop_ids,
         )
         wave.requests.append((r, r.prompt_ids + r.prefix_ids, params))
@@ -202,11 +204,10 @@ def run_waves(
             prefix = (
                 cut_prefix(solution, d.ratio, schedule, eos_id=eos, paragraph_ids=para) if d.guided else []
             )
-            prefix = prefix[
-                : cfg.max_response_tokens
-            ]  # as the official code; data.max_solution_tokens avoids it
+            # cut to the budget, as the official code does (data.max_solution_tokens keeps traces whole)
+            prefix = prefix[: cfg.max_response_tokens]
             start = len(wave.samples)
-            _plan_samples(ex, d, offset, prefix, cfg, step, stop_ids, wave)
+            _plan_samples(ex, d, offset, prefix, cfg, (step, p), stop_ids, wave)
             groups[p].extend(wave.samples[start:])  # rewards arrive after the wave is graded
         stats.guided_prompts.append(num_guided)
         _generate(engine, wave, stats)
