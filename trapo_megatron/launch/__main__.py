@@ -1,0 +1,8 @@
+"""``python -m trapo_megatron.launch``: `trapo launch` without the rest of the CLI."""
+
+import sys
+
+from trapo_megatron.launch.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
