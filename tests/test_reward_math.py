@@ -74,6 +74,10 @@ def test_several_items_keep_input_order(pool):
     assert pool.score(["\\boxed{0.5}", "\\boxed{7}"], ["1/2", "8"]) == [1.0, 0.0]
 
 
+def test_empty_batch(pool):
+    assert pool.score([], []) == []
+
+
 def test_length_mismatch_is_an_error(pool):
     with pytest.raises(ValueError, match="2 responses but 1 golds"):
         pool.score(["a", "b"], ["1"])

@@ -23,9 +23,13 @@ _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
 def think_text(solution: str) -> str:
-    """The text inside <think>...</think> (the official expert text), or the solution as is without a tag."""
+    """The text inside <think>...</think> (the official expert text); after an unclosed <think> (a trace cut
+    at its length limit), the rest; without a tag, the solution as is."""
     m = _THINK_RE.search(solution)
-    return m.group(1).strip() if m else solution
+    if m:
+        return m.group(1).strip()
+    _, tag, rest = solution.partition("<think>")
+    return rest.strip() if tag else solution
 
 
 def paragraph_token_ids(tokenizer) -> frozenset[int]:
