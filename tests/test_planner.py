@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +39,9 @@ def test_shards_add_up_to_the_whole_model(name: str) -> None:
     spec = PRESETS[name]
     for lay in candidate_layouts(spec, PlanConfig(num_gpus=32)):
         stages = [stage_params(spec, lay.tp, lay.pp, s) for s in range(lay.pp)]
-        assert sum(st.tp_sharded * lay.tp + st.replicated for st in stages) == total_params(spec), lay
+        # tied embeddings under PP: the last stage holds its own copy of the word embeddings
+        copies = spec.vocab_size * spec.hidden_size if spec.tie_embeddings and lay.pp > 1 else 0
+        assert sum(st.tp_sharded * lay.tp + st.replicated for st in stages) == total_params(spec) + copies, lay
 
 
 def _layout_fits(name: str, layout: Layout, **cfg: object) -> bool:
@@ -136,3 +139,11 @@ def test_cli_nothing_fits_exits_1_and_bad_model_exits_2(capsys) -> None:
     assert cli.main(["--model", "qwen2.5-72b", "--num-gpus", "8"]) == 1
     assert cli.main(["--model", "no-such-model"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_tiny_preset_is_the_demo_model() -> None:
+    path = Path(__file__).resolve().parents[1] / "trapo_megatron" / "assets" / "demo" / "model" / "config.json"
+    if not path.exists():
+        pytest.skip("demo model not built")
+    demo = spec_from_hf_config(path, name="tiny")
+    assert demo == PRESETS["tiny"], "update PRESETS['tiny'] to the demo model's shape"

@@ -17,20 +17,22 @@ TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 64,
         "tie_word_embeddings": False}
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
-LAYOUTS = [(2, 1), (1, 2), (1, 1)]  # (TP, PP) in a world of 2: the last one is DP2
+# (TP, PP, tied embeddings) in a world of 2; TP1 x PP1 is DP2. Tied at PP2: the last stage holds a copy.
+LAYOUTS = [(2, 1, False), (1, 2, False), (1, 1, False), (2, 1, True), (1, 2, True)]
 
 
-def _count_bytes(rank: int, world: int, layouts: list[tuple[int, int]]) -> list[dict]:
+def _count_bytes(rank: int, world: int, layouts: list[tuple[int, int, bool]]) -> list[dict]:
     from types import SimpleNamespace
 
     from megatron.core import parallel_state as ps
 
     from trapo_megatron.megatron import model_builder, platform, step
 
-    # The builder reads these attributes only; a namespace spares the workers importing transformers.
-    hf = SimpleNamespace(**TINY, rms_norm_eps=1e-6, hidden_act="silu", rope_parameters={"rope_theta": 1e4})
     out = []
-    for tp, pp in layouts:
+    for tp, pp, tied in layouts:
+        # The builder reads these attributes only; a namespace spares the workers importing transformers.
+        hf = SimpleNamespace(**{**TINY, "tie_word_embeddings": tied}, rms_norm_eps=1e-6, hidden_act="silu",
+                             rope_parameters={"rope_theta": 1e4})
         parallel = platform.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         platform.initialize(parallel)
         chunks = model_builder.build_model(hf, parallel)
@@ -45,7 +47,7 @@ def _count_bytes(rank: int, world: int, layouts: list[tuple[int, int]]) -> list[
         for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
             for st in opt.optimizer.state.values():
                 states += sum(v.numel() * v.element_size() for k, v in st.items() if k in ADAM_STATES)
-        out.append({"tp": tp, "pp": pp, "stage": ps.get_pipeline_model_parallel_rank(),
+        out.append({"tp": tp, "pp": pp, "tied": tied, "stage": ps.get_pipeline_model_parallel_rank(),
                         "dp_rank": ps.get_data_parallel_rank(), "states": states,
                         "params": sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())})
     return out
@@ -54,9 +56,9 @@ def _count_bytes(rank: int, world: int, layouts: list[tuple[int, int]]) -> list[
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_planner_bytes_equal_megatron_bytes() -> None:
-    spec = spec_from_hf_config(TINY, name="tiny")
     per_rank = run_distributed(_count_bytes, 2, LAYOUTS, timeout=220)
-    for i, (tp, pp) in enumerate(LAYOUTS):
+    for i, (tp, pp, tied) in enumerate(LAYOUTS):
+        spec = spec_from_hf_config({**TINY, "tie_word_embeddings": tied}, name="tiny")
         ranks = [r[i] for r in per_rank]
         dp = 2 // (tp * pp)
         for r in ranks:

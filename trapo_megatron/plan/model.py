@@ -73,9 +73,9 @@ class ModelSpec:
 
 # Published shapes (the models' own config.json). Keys are the preset names `trapo plan --model` takes.
 PRESETS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec(
-        name="tiny", num_layers=2, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4,
-        num_query_groups=2, vocab_size=32, qkv_bias=True,
+    "tiny": ModelSpec(  # the CPU demo's model (trapo_megatron/assets/demo/model)
+        name="tiny", num_layers=2, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4,
+        num_query_groups=2, vocab_size=32, qkv_bias=True, tie_embeddings=True,
     ),
     "qwen2.5-math-7b": ModelSpec(
         name="qwen2.5-math-7b", num_layers=28, hidden_size=3584, ffn_hidden_size=18944,
