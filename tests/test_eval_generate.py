@@ -46,3 +46,34 @@ def test_cpu_twin_generates_k_batch_independent_responses() -> None:
     assert all(len(v) == 3 for v in one.values())
     assert one == many
     assert len({r for v in one.values() for r in v}) > 1  # different seeds, different samples
+
+
+@pytest.mark.timeout(180)
+def test_eval_cli_generates_with_a_saved_model(tmp_path) -> None:
+    """`trapo eval --model DIR` end to end on the CPU twin: load, generate, grade, report, save."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from trapo_megatron.eval import cli
+    from trapo_megatron.eval.report import read_responses
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=256,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model_dir = tmp_path / "model"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    report, saved = tmp_path / "report.json", tmp_path / "responses.jsonl"
+    code = cli.main(["--model", str(model_dir), "--data", f"aime:{SAMPLE_DIR / 'aime.jsonl'}", "--limit", "2",
+                     "--k", "2", "--max-tokens", "4", "--prompt-template", "plain", "--grader-workers", "1",
+                     "--report", str(report), "--save-responses", str(saved)])
+    assert code == 0
+    bench = json.loads(report.read_text())["benchmarks"][0]
+    assert (bench["benchmark"], bench["num_problems"], bench["k"]) == ("aime", 2, 2)
+    assert bench["avg_at_k"] == 0.0  # four random tokens do not box the right integer
+    responses = read_responses(saved)
+    assert len(responses) == 2 and all(len(v) == 2 for v in responses.values())
