@@ -1,0 +1,155 @@
+"""A Megatron model loaded from a Hugging Face checkpoint (directly or through the converted distributed
+checkpoint) gives the transformers logits at TP=1, TP=2 and PP=2, and the live weight stream returns the HF
+state dict exactly. Two spawned world-2 runs: (TP=1 then TP=2, Qwen2 untied with QKV bias) and (PP=2,
+Llama tied: the last stage holds a copy of the embedding)."""
+
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from _convert_helpers import causal_mask, hf_model, input_ids, save_hf
+from trapo_megatron.convert import hf_io
+from trapo_megatron.convert.hf_to_mcore import convert_hf_to_mcore
+from trapo_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+from trapo_megatron.testing import run_distributed
+
+TOL = 1e-4
+
+
+def _plain(config):
+    """The HF config as a namespace: workers then need not import transformers (~2 s each)."""
+    return SimpleNamespace(**config.to_dict())
+
+
+def _stream_mismatches(model, cfg, ref_state, bucket_bytes):
+    from megatron.core import parallel_state as ps
+
+    from trapo_megatron.convert.stream import iter_hf_buckets
+
+    seen, bad, buckets = set(), [], 0
+    for bucket in iter_hf_buckets(model, cfg, tp_group=ps.get_tensor_model_parallel_group(),
+                                  pp_group=ps.get_pipeline_model_parallel_group(), bucket_bytes=bucket_bytes):
+        buckets += 1
+        for name, tensor in bucket:
+            if name in seen or name not in ref_state or not torch.equal(tensor, ref_state[name]):
+                bad.append(name)
+            seen.add(name)
+    return bad + sorted(set(ref_state) - seen), buckets
+
+
+def _full_logits(model, ids):
+    from megatron.core import parallel_state as ps
+
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        local = model[0](ids, pos, causal_mask(ids.shape[1]))  # (b, s, V/TP)
+    group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def _tp_worker(rank, world_size, cfg, hf_dir, mcore_dir, save_dir, ids, ref_logits, ref_state):
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from trapo_megatron.convert.model_io import load_hf_into_model
+    from trapo_megatron.megatron import model_builder, platform
+
+    out = {}
+    par = platform.ParallelConfig()  # TP=1, DP=2: each rank holds the whole model
+    platform.initialize(par)
+    model = model_builder.build_model(cfg, par)
+    load_hf_into_model(model, hf_dir, tp_group=ps.get_tensor_model_parallel_group())
+    out["tp1_logits"] = (_full_logits(model, ids) - ref_logits).abs().max().item()
+    out["tp1_stream"] = _stream_mismatches(model, cfg, ref_state, bucket_bytes=2**30)
+
+    par = platform.ParallelConfig(tensor_model_parallel_size=2)
+    platform.initialize(par)
+    model = model_builder.build_model(cfg, par)
+    model[0].load_state_dict(dist_checkpointing.load(model[0].sharded_state_dict(), mcore_dir))
+    out["tp2_logits"] = (_full_logits(model, ids) - ref_logits).abs().max().item()
+    out["tp2_stream"] = _stream_mismatches(model, cfg, ref_state, bucket_bytes=40_000)
+    direct = model_builder.build_model(cfg, par)
+    load_hf_into_model(direct, hf_dir, tp_group=ps.get_tensor_model_parallel_group())
+    out["tp2_direct_vs_ckpt"] = [n for (n, a), (_, b) in zip(model[0].named_parameters(), direct[0].named_parameters())
+                                 if not torch.equal(a, b)]
+    # A TP=2 checkpoint as training writes it. megatron's writer starts a multiprocessing Manager, which a
+    # daemonic worker may not: this worker is the only process that needs to, so it stops being daemonic.
+    import multiprocessing
+
+    multiprocessing.current_process().daemon = False
+    dist_checkpointing.save(model[0].sharded_state_dict(), save_dir)
+    platform.destroy()
+    return out
+
+
+def test_tp1_tp2_logits_and_stream(tmp_path):
+    model = hf_model("qwen2", tied=False)
+    hf_dir = save_hf(model, tmp_path / "hf")
+    convert_hf_to_mcore(hf_dir, tmp_path / "mcore")
+    (tmp_path / "saved").mkdir()
+    ids = input_ids(model.config.vocab_size)
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    ref_state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = run_distributed(_tp_worker, 2, _plain(model.config), str(hf_dir), str(tmp_path / "mcore"),
+                              str(tmp_path / "saved"), ids, ref_logits, ref_state, timeout=180)
+    for out in results:
+        assert out["tp1_logits"] < TOL and out["tp2_logits"] < TOL, out
+        assert out["tp1_stream"] == ([], 1), out["tp1_stream"]
+        assert out["tp2_stream"][0] == [] and out["tp2_stream"][1] > 3, out["tp2_stream"]
+        assert out["tp2_direct_vs_ckpt"] == []
+    # the checkpoint saved by megatron at TP=2 exports to the original HF tensors, bit for bit
+    convert_mcore_to_hf(tmp_path / "saved", tmp_path / "out", hf_config_dir=hf_dir)
+    exported = hf_io.HFSource(tmp_path / "out")
+    assert set(exported.shapes()) == set(ref_state)
+    assert all(torch.equal(exported.get(k), v) for k, v in ref_state.items())
+
+
+def _pp_worker(rank, world_size, cfg, hf_dir, mcore_dir, ids, ref_logits, ref_state):
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from trapo_megatron.convert.model_io import load_hf_into_model
+    from trapo_megatron.megatron import model_builder, platform
+
+    par = platform.ParallelConfig(pipeline_model_parallel_size=2)
+    platform.initialize(par)
+    model = model_builder.build_model(cfg, par)
+    load_hf_into_model(model, hf_dir, tp_group=ps.get_tensor_model_parallel_group())
+    pos, mask = torch.arange(ids.shape[1]).expand_as(ids), causal_mask(ids.shape[1])
+    out = {}
+    with torch.no_grad():
+        if ps.is_pipeline_first_stage():
+            hidden = model[0](ids, pos, mask)  # (s, b, h)
+            dist.send(hidden.contiguous(), dst=1)
+        else:
+            hidden = torch.empty(ids.shape[1], ids.shape[0], cfg.hidden_size)
+            dist.recv(hidden, src=0)
+            model[0].set_input_tensor(hidden)
+            out["logits"] = (model[0](ids, pos, mask) - ref_logits).abs().max().item()
+    out["stream"] = _stream_mismatches(model, cfg, ref_state, bucket_bytes=30_000)
+    from_ckpt = model_builder.build_model(cfg, par)
+    from_ckpt[0].load_state_dict(dist_checkpointing.load(from_ckpt[0].sharded_state_dict(), mcore_dir))
+    out["ckpt_vs_direct"] = [n for (n, a), (_, b) in zip(model[0].named_parameters(),
+                                                          from_ckpt[0].named_parameters()) if not torch.equal(a, b)]
+    platform.destroy()
+    return out
+
+
+def test_pp2_tied_logits_and_stream(tmp_path):
+    model = hf_model("llama", tied=True)
+    hf_dir = save_hf(model, tmp_path / "hf")
+    convert_hf_to_mcore(hf_dir, tmp_path / "mcore")
+    ids = input_ids(model.config.vocab_size)
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    ref_state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    first, last = run_distributed(_pp_worker, 2, _plain(model.config), str(hf_dir), str(tmp_path / "mcore"), ids,
+                                  ref_logits, ref_state, timeout=180)
+    assert last["logits"] < TOL, last
+    for out in (first, last):
+        assert out["stream"][0] == [] and out["stream"][1] > 2, out["stream"]
+        assert out["ckpt_vs_direct"] == []

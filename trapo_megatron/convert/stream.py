@@ -1,0 +1,167 @@
+"""The live weight stream: Hugging Face-named full tensors from a TP/PP-sharded Megatron model, in buckets.
+
+ONE generator serves Hugging Face export, the CPU twin engine and vLLM (``model.load_weights`` takes exactly
+these (name, tensor) pairs). Every rank of the model runs it and every rank receives every tensor, so a
+colocated engine on any rank can load them.
+
+How bytes move (each once): the pipeline stage that owns a parameter all-gathers its TP shards
+(``all_gather_into_tensor`` on ``tp_group``, one async op per parameter, waited per bucket), merges them
+into the TP=1 Megatron layout, then broadcasts that tensor over ``pp_group`` to the other stages; every rank
+then splits it into HF tensors (``formats``). At TP=1 and PP=1 nothing moves and most yielded tensors are
+views of the parameters (QKV split is the only copy).
+
+Memory: ``bucket_bytes`` bounds what the stream itself allocates at once (gather / receive buffers, the
+TP-interleave copy and the QKV split copy); a single tensor group larger than a bucket forms its own bucket.
+Yielded tensors are valid until the next bucket is requested and may share memory with the parameters:
+consumers copy them (vLLM's weight loaders and the CPU twin do) and never modify them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from trapo_megatron.convert import formats, mapping
+from trapo_megatron.convert.distribution import Shard, merge_gathered
+from trapo_megatron.convert.model_io import LocalParam, as_dims, detect_spec, local_params
+
+DEFAULT_BUCKET_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One Megatron tensor (one layer of one entry) as every rank sees it."""
+
+    order: int  # position in mapping.walk order
+    owner: int  # pipeline rank holding it
+    local_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def cost(self, entry: mapping.Entry, tp_size: int, moves: bool) -> int:
+        """Bytes the stream allocates for this group (see module docstring)."""
+        full = torch.Size(self.local_shape).numel() * self.dtype.itemsize * (1 if entry.shard is Shard.REPLICATED else tp_size)
+        buffers = full if moves else 0
+        interleave = full if tp_size > 1 and entry.shard in (Shard.ROW, Shard.GATED_COLUMN) else 0
+        split = full if entry.fmt is formats.Format.QKV else 0
+        return buffers + interleave + split
+
+
+def _rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    return (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+
+
+def _plan(
+    params: list[LocalParam], walk: list[tuple[mapping.Entry, int | None]], position: dict,
+    pp_group: dist.ProcessGroup | None,
+) -> list[_Group]:
+    """Every rank's groups in walk order (one all_gather_object over the pipeline group)."""
+    pp_rank, pp_size = _rank(pp_group)
+    mine = [(position[(p.entry.mcore, p.layer)], pp_rank, tuple(p.param.shape), p.param.dtype)
+            for p in params if not p.tied_copy]
+    every = [mine]
+    if pp_size > 1:
+        every = [None] * pp_size
+        dist.all_gather_object(every, mine, group=pp_group)
+    groups = sorted((_Group(*g) for stage in every for g in stage), key=lambda g: g.order)
+    missing = set(range(len(walk))) - {g.order for g in groups}
+    if missing:
+        names = [walk[i][0].mcore.replace(mapping.LAYER, str(walk[i][1])) for i in sorted(missing)[:5]]
+        raise ValueError(f"the model lacks {len(missing)} mapped tensors on every stage, e.g. {names}")
+    return groups
+
+
+def _buckets(groups: list[_Group], walk, tp_size: int, pp_size: int, bucket_bytes: int) -> list[list[_Group]]:
+    """Consecutive groups of one owner whose costs sum to at most ``bucket_bytes``."""
+    buckets: list[list[_Group]] = []
+    used = 0
+    for g in groups:
+        cost = g.cost(walk[g.order][0], tp_size, moves=tp_size > 1 or pp_size > 1)
+        if not buckets or buckets[-1][0].owner != g.owner or used + cost > bucket_bytes:
+            buckets.append([])
+            used = 0
+        buckets[-1].append(g)
+        used += cost
+    return buckets
+
+
+def iter_hf_buckets(
+    model_chunks: list[Any],
+    hf_config: Any,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    pp_group: dist.ProcessGroup | None = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    dtype: torch.dtype | None = None,
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield lists of (hf_name, full tensor) covering the whole model once, on every rank of the model.
+
+    ``hf_config``: config dict / PretrainedConfig / HF directory / ModelDims. ``tp_group`` / ``pp_group``:
+    the model's tensor- and pipeline-parallel groups (None: size 1). ``dtype``: cast on the way out (e.g.
+    the engine's bf16). Collective: every rank of the TP and PP groups must iterate to the end.
+    """
+    dims = as_dims(hf_config)
+    params = local_params(model_chunks, dims)
+    walk = list(mapping.walk(dims, detect_spec(p.entry.mcore for p in params)))
+    position = {(e.mcore, layer): i for i, (e, layer) in enumerate(walk)}
+    tp_rank, tp_size = _rank(tp_group)
+    pp_rank, pp_size = _rank(pp_group)
+    by_order = {position[(p.entry.mcore, p.layer)]: p for p in params if not p.tied_copy}
+    groups = _plan(params, walk, position, pp_group)
+    device = params[0].param.device if params else torch.device("cpu")
+    for bucket in _buckets(groups, walk, tp_size, pp_size, bucket_bytes):
+        fulls: list[torch.Tensor] = []
+        if bucket[0].owner == pp_rank:
+            fulls = _tp_full([by_order[g.order] for g in bucket], tp_group, tp_size)
+        if pp_size > 1:
+            if bucket[0].owner != pp_rank:
+                fulls = [torch.empty(_full_shape(g, walk[g.order][0], tp_size), dtype=g.dtype, device=device)
+                         for g in bucket]
+            works = [dist.broadcast(f, group=pp_group, group_src=bucket[0].owner, async_op=True) for f in fulls]
+            for work in works:
+                work.wait()
+        out = []
+        for g, full in zip(bucket, fulls):
+            entry, layer = walk[g.order]
+            concrete = entry if layer is None else entry.at_layer(layer)
+            if entry.shard is Shard.VOCAB:
+                full = full[: dims.vocab_size]
+            for name, tensor in zip(concrete.hf, formats.split(entry.fmt, full, dims.heads)):
+                out.append((name, tensor if dtype is None else tensor.to(dtype)))
+        del fulls
+        yield out
+
+
+def _tp_full(params: list[LocalParam], tp_group: dist.ProcessGroup | None, tp_size: int) -> list[torch.Tensor]:
+    """The TP=1 layout of each parameter: itself when not split, else an all-gather (async, one per
+    parameter, all in flight together) merged as ``distribution`` says."""
+    gathered: list[torch.Tensor | None] = []
+    works = []
+    for p in params:
+        local = p.param.detach()
+        if tp_size == 1 or p.entry.shard is Shard.REPLICATED:
+            gathered.append(None)
+            continue
+        buf = torch.empty((tp_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+        works.append(dist.all_gather_into_tensor(buf, local.contiguous(), group=tp_group, async_op=True))
+        gathered.append(buf.view(tp_size, *local.shape))
+    for work in works:
+        work.wait()
+    return [p.param.detach() if buf is None else merge_gathered(buf, p.entry.shard) for p, buf in zip(params, gathered)]
+
+
+def _full_shape(g: _Group, entry: mapping.Entry, tp_size: int) -> tuple[int, ...]:
+    shape = list(g.local_shape)
+    if entry.shard is Shard.ROW:
+        shape[1] *= tp_size
+    elif entry.shard is not Shard.REPLICATED:
+        shape[0] *= tp_size
+    return tuple(shape)
+
+
+def iter_hf_weights(model_chunks: list[Any], hf_config: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, tensor) pairs of :func:`iter_hf_buckets`, flattened (same arguments)."""
+    for bucket in iter_hf_buckets(model_chunks, hf_config, **kwargs):
+        yield from bucket
