@@ -61,10 +61,14 @@ def iter_checkpoint_hf(ckpt: mcore_io.McoreCheckpoint, dims: mapping.ModelDims) 
 
 def convert_mcore_to_hf(
     mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, hf_config_dir: str | os.PathLike | None = None,
-    max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+    max_shard_bytes: int = 5 * 10**9, dtype: torch.dtype | None = None, overwrite: bool = False,
     progress: Callable[[int], Callable[[], None]] | None = None,
 ) -> Path:
-    """Write ``out_dir`` as a Hugging Face checkpoint of the Megatron checkpoint ``mcore_dir``."""
+    """Write ``out_dir`` as a Hugging Face checkpoint of the Megatron checkpoint ``mcore_dir``.
+
+    ``dtype`` casts every tensor (None keeps the checkpoint's dtypes, bit for bit). ``progress(total)`` may
+    return a per-tensor callback (the CLI passes a progress bar).
+    """
     ckpt = mcore_io.McoreCheckpoint(mcore_dir)
     config_dir = Path(hf_config_dir) if hf_config_dir else Path(mcore_dir) / HF_SUBDIR
     if not (config_dir / "config.json").is_file():
@@ -77,15 +81,15 @@ def convert_mcore_to_hf(
     plan = []
     hf_shapes = mapping.hf_shapes(dims)
     for entry, layer in mapping.walk(dims, mapping.Spec.TE):
-        dtype = ckpt.dtype(mcore_io.checkpoint_key(entry.mcore))
+        stored = ckpt.dtype(mcore_io.checkpoint_key(entry.mcore))
         concrete = entry if layer is None else entry.at_layer(layer)
-        plan += [(h, hf_shapes[h], dtype) for h in concrete.hf]
+        plan += [(h, hf_shapes[h], dtype or stored) for h in concrete.hf]
     tmp = hf_io.temporary_output(out_dir)
     try:
         writer = hf_io.SafetensorsWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
         tick = progress(len(plan)) if progress else (lambda: None)
         for name, tensor in iter_checkpoint_hf(ckpt, dims):
-            writer.write(name, tensor)
+            writer.write(name, tensor if dtype is None else tensor.to(dtype))
             tick()
         writer.close()
         hf_io.copy_side_files(config_dir, tmp)
