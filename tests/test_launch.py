@@ -7,6 +7,7 @@ import importlib.util
 import io
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -68,6 +69,29 @@ def test_slurm_dryrun_72b_and_single_node_eval(capsys) -> None:
 def test_slurm_needs_account_and_image(capsys) -> None:
     assert cli.main(["--recipe", "qwen2.5-32b", "--executor", "slurm", "--dryrun"]) == 2
     assert "--account" in capsys.readouterr().err
+
+
+def test_nemo_run_errors_exit_1(tmp_path, capsys) -> None:
+    """Submitting where there is no Slurm: NeMo-Run raises, `trapo launch` says so and exits 1."""
+    if shutil.which("sbatch"):
+        pytest.skip("this machine has sbatch: the job would really be submitted")
+    argv = ["--recipe", "qwen2.5-32b", *SLURM[:-1], "--job-dir", str(tmp_path), "--detach"]
+    assert cli.main(argv) == 1
+    assert "NeMo-Run failed" in capsys.readouterr().err
+
+
+def test_recipe_factories_for_nemo_run_scripts() -> None:
+    from trapo_megatron.launch.executors import recipe_executor, recipe_task, sbatch_script
+    from trapo_megatron.launch.recipes import ClusterSettings
+
+    task = recipe_task("qwen2.5-72b", args=["optimizer.lr=1e-6"])
+    assert task.path == "trapo_megatron.cli" and task.m and task.entrypoint == "python"
+    assert task.args[:3] == ["train", "--config", "/opt/trapo-megatron/examples/qwen2.5_72b.yaml"]
+    executor = recipe_executor("qwen2.5-72b", cluster=ClusterSettings(account="a", container_image=IMAGE))
+    script = sbatch_script(task, executor, "api")
+    assert "#SBATCH --nodes=8" in script and "optimizer.lr=1e-6" in script
+    local = recipe_executor("tiny-cpu")
+    assert local.ntasks_per_node == 2 and local.env_vars["OMP_NUM_THREADS"] == "1"
 
 
 def test_local_launch_runs_to_completion(capsys) -> None:

@@ -2,7 +2,7 @@
 
     trapo launch --recipe tiny-cpu                          # torchrun on this machine
     trapo launch --recipe qwen2.5-32b --executor slurm --account A --container-image IMG \\
-        --mount /lustre:/lustre --dryrun -- model.hf_path=/lustre/models/Qwen2.5-32B  # print the sbatch script
+        --mount /lustre:/lustre --dryrun -- model.hf_path=/lustre/models/Qwen2.5-32B  # the sbatch script
 
 Everything after ``--`` goes to the task (config overrides for train, flags for eval/convert); the recipe
 is a flag so that the launcher's flags and the task's arguments never interleave. Wired into
@@ -16,13 +16,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from trapo_megatron.launch.recipes import RECIPES, TASKS, ClusterSettings, get_recipe, task_args
+from trapo_megatron.launch.recipes import (
+    IMAGE_CODE_DIR,
+    PACKAGED_CODE_DIR,
+    RECIPES,
+    TASKS,
+    ClusterSettings,
+    get_recipe,
+    task_args,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-IMAGE_CODE_DIR = "/opt/trapo-megatron"
-"""Where the Dockerfile puts the repository inside the image (configs are read from there on Slurm)."""
-PACKAGED_CODE_DIR = "/nemo_run/code"
-"""Where NeMo-Run unpacks a packaged checkout inside the container (--package-code)."""
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,14 +49,15 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{IMAGE_CODE_DIR} (the image's copy) on Slurm")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment")
     parser.add_argument("--package-code", action="store_true",
-                        help="Slurm: ship this checkout's committed code with the job (git archive) and run it "
-                             "instead of the image's copy")
+                        help="Slurm: ship this checkout's committed code with the job (git archive) "
+                             "and run it instead of the image's copy")
     slurm = parser.add_argument_group("slurm")
     slurm.add_argument("--account", default="", help="Slurm account")
     slurm.add_argument("--partition", default=None, help="Slurm partition")
     slurm.add_argument("--time", default=None, help="wall-clock limit (default: the recipe's)")
     slurm.add_argument("--nodes", type=int, default=None, help="nodes (default: the recipe's)")
-    slurm.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: the recipe's)")
+    slurm.add_argument("--gpus-per-node", type=int, default=None,
+                       help="GPUs per node (default: the recipe's)")
     slurm.add_argument("--container-image", default="", help="image built from the Dockerfile")
     slurm.add_argument("--mount", action="append", default=[], metavar="SRC:DST", help="container mount")
     slurm.add_argument("--job-dir", default="", help="NeMo-Run job directory on the cluster")
@@ -76,7 +81,8 @@ def run_launch(args: argparse.Namespace) -> int:
         env = _parse_env(args.env)
         local = args.executor == "local"
         shipped = args.package_code and not local
-        code_dir = args.code_dir or (str(REPO_ROOT) if local else PACKAGED_CODE_DIR if shipped else IMAGE_CODE_DIR)
+        default_dir = str(REPO_ROOT) if local else PACKAGED_CODE_DIR if shipped else IMAGE_CODE_DIR
+        code_dir = args.code_dir or default_dir
         if shipped:
             env.setdefault("PYTHONPATH", PACKAGED_CODE_DIR)
         argv = task_args(recipe, task, code_dir, args.task_args)
@@ -101,13 +107,17 @@ def run_launch(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"trapo launch: {e}", file=sys.stderr)
         return 2
-    if args.dryrun:
-        if local:
-            print(" ".join(["python", "-m", task.module, *argv]))
-            return 0
-        print(executors.sbatch_script(script, executor, name))
+    if args.dryrun and local:
+        print(" ".join(["python", "-m", task.module, *argv]))
         return 0
-    return executors.run_experiment(script, executor, name, detach=args.detach)
+    try:
+        if args.dryrun:
+            print(executors.sbatch_script(script, executor, name))
+            return 0
+        return executors.run_experiment(script, executor, name, detach=args.detach)
+    except Exception as e:  # noqa: BLE001 - NeMo-Run's own errors (no sbatch, ssh, torchrun) end the launch
+        print(f"trapo launch: NeMo-Run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

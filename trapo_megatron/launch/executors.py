@@ -21,7 +21,16 @@ from typing import Any
 
 import nemo_run as run
 
-from trapo_megatron.launch.recipes import DEFAULT_ENV, ClusterSettings, Recipe, Task
+from trapo_megatron.launch.recipes import (
+    DEFAULT_ENV,
+    IMAGE_CODE_DIR,
+    TASKS,
+    ClusterSettings,
+    Recipe,
+    Task,
+    get_recipe,
+    task_args,
+)
 
 LOG_TAIL_LINES = 100
 """Lines of a failed local task's log echoed to stderr."""
@@ -73,10 +82,30 @@ def slurm_executor(task: Task, recipe: Recipe, cluster: ClusterSettings) -> run.
     return executor
 
 
+def recipe_task(recipe: str, task: str = "train", args: list[str] | None = None,
+                code_dir: str = IMAGE_CODE_DIR) -> run.Script:
+    """The NeMo-Run task of a recipe, for your own NeMo-Run scripts:
+
+        task = recipe_task("qwen2.5-32b", args=["model.hf_path=/models/Qwen2.5-32B"])
+        executor = recipe_executor("qwen2.5-32b", cluster=ClusterSettings(account=..., container_image=...))
+        run.run(task, executor=executor)
+    """
+    return script_task(TASKS[task], task_args(get_recipe(recipe), TASKS[task], code_dir, list(args or [])))
+
+
+def recipe_executor(recipe: str, task: str = "train", cluster: ClusterSettings | None = None,
+                    nproc_per_node: int | None = None) -> run.Executor:
+    """The recipe's Slurm executor for ``cluster``; its local torchrun executor when ``cluster`` is None."""
+    if cluster is None:
+        return local_executor(TASKS[task], get_recipe(recipe), nproc_per_node)
+    return slurm_executor(TASKS[task], get_recipe(recipe), cluster)
+
+
 def sbatch_script(task: run.Script, executor: run.SlurmExecutor, name: str) -> str:
     """The sbatch script Slurm would receive, generated without a cluster. NeMo-Run's own log lines go to
     stderr, so stdout carries the script alone (``trapo launch ... --dryrun > job.sbatch``)."""
-    with contextlib.redirect_stdout(sys.stderr), run.Experiment(name, executor=executor, log_level="WARN") as exp:
+    quiet = contextlib.redirect_stdout(sys.stderr)
+    with quiet, run.Experiment(name, executor=executor, log_level="WARN") as exp:
         exp.add(task, name=name)
         exp.dryrun(log=False)
         return exp.jobs[0]._dryrun_info.request.materialize()

@@ -42,14 +42,15 @@ class Recipe:
 
     def overrides(self) -> list[str]:
         """The config overrides that put the layout into the run."""
-        return [f"parallel.tensor_model_parallel_size={self.tp}", f"parallel.pipeline_model_parallel_size={self.pp}"]
+        return [f"parallel.tensor_model_parallel_size={self.tp}",
+                f"parallel.pipeline_model_parallel_size={self.pp}"]
 
 
 RECIPES: dict[str, Recipe] = {
-    "tiny-cpu": Recipe(config="examples/tiny_cpu.yaml", nodes=1, gpus_per_node=0, nproc_per_node=2, tp=2, pp=1,
-                       time="00:30:00", seq_length=64),
-    "qwen2.5-math-7b": Recipe(config="examples/qwen2.5_math_7b.yaml", nodes=1, gpus_per_node=8, nproc_per_node=8,
-                              tp=2, pp=1, time="48:00:00", planner_model="qwen2.5-math-7b"),
+    "tiny-cpu": Recipe(config="examples/tiny_cpu.yaml", nodes=1, gpus_per_node=0, nproc_per_node=2,
+                       tp=2, pp=1, time="00:30:00", seq_length=64),
+    "qwen2.5-math-7b": Recipe(config="examples/qwen2.5_math_7b.yaml", nodes=1, gpus_per_node=8,
+                              nproc_per_node=8, tp=2, pp=1, time="48:00:00", planner_model="qwen2.5-math-7b"),
     "qwen2.5-32b": Recipe(config="examples/qwen2.5_32b.yaml", nodes=4, gpus_per_node=8, nproc_per_node=8,
                           tp=4, pp=4, time="48:00:00", planner_model="qwen2.5-32b"),
     "qwen2.5-72b": Recipe(config="examples/qwen2.5_72b.yaml", nodes=8, gpus_per_node=8, nproc_per_node=8,
@@ -76,8 +77,13 @@ TASKS: dict[str, Task] = {
     "eval": Task(module="trapo_megatron.cli", prefix=("eval",), help="trapo eval <your args>"),
     "convert": Task(module="trapo_megatron.cli", prefix=("convert",), help="trapo convert <your args>"),
     "smoke": Task(module="trapo_megatron.launch.smoke", distributed=True,
-                  help="all-reduce across every rank: checks the nodes, GPUs and rendezvous before a long run"),
+                  help="all-reduce over every rank: checks nodes, GPUs and rendezvous before a long run"),
 }
+
+IMAGE_CODE_DIR = "/opt/trapo-megatron"
+"""Where the Dockerfile puts the repository inside the image (configs are read from there on Slurm)."""
+PACKAGED_CODE_DIR = "/nemo_run/code"
+"""Where NeMo-Run unpacks a packaged checkout inside the container (--package-code)."""
 
 # Environment of every launched process. Why each is set:
 DEFAULT_ENV: dict[str, str] = {
