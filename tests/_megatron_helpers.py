@@ -74,7 +74,7 @@ def unshard(local: torch.Tensor, param: torch.nn.Parameter, name: str) -> torch.
     """Inverse of :func:`shard`: all-gather over TP and reassemble the full tensor."""
     from megatron.core import parallel_state as ps
 
-    rank, size = _tp()
+    _, size = _tp()
     if not getattr(param, "tensor_model_parallel", False) or size == 1:
         return local.clone()
     parts = [torch.empty_like(local) for _ in range(size)]

@@ -7,14 +7,14 @@ a hang is cut by ``timeout`` and reported with every worker's state, so a mistak
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import pickle
 import queue
 import socket
 import traceback
-from typing import Any, Callable
-
-import multiprocessing as mp
+from collections.abc import Callable
+from typing import Any
 
 
 def free_port() -> int:
@@ -60,7 +60,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, threads), daemon=True)
+        # Not daemonic: workers may start process pools of their own (the reward pool); leftovers are killed below.
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, threads))
         for r in range(world_size)
     ]
     for p in procs:

@@ -7,8 +7,9 @@ The translation is a table of (Megatron field, how to read it from the HF config
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -9,8 +9,9 @@ the same whatever the micro-batching, DP, PP or TP.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 

@@ -1,0 +1,94 @@
+"""The TRAPO trainer end to end on the demo task: two steps at TP=2 and at PP=2, exact resume, and config
+errors that name the key before anything starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from trapo_megatron.config import ConfigError
+from trapo_megatron.demo import CONFIG, _asset_overrides
+from trapo_megatron.testing import run_distributed
+from trapo_megatron.train_cli import check_config, load_config
+
+VOLATILE = ("time_", "tokens_per_s")
+
+
+def _overrides(out: Path, *extra: str) -> list[str]:
+    return _asset_overrides(str(out)) + [
+        "run.prompts_per_step=4", "run.progress=false", "reward.num_workers=1", "evaluation.max_problems=8",
+        "evaluation.every=0", "checkpoint.save_every=1", *extra,
+    ]
+
+
+def train_worker(rank: int, world: int, overrides: list[str], resume: bool) -> dict:
+    from trapo_megatron.train_cli import train
+
+    return train(load_config(str(CONFIG), overrides), resume=resume)
+
+
+def _metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def tp2_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tp2") / "run"
+    run_distributed(train_worker, 2, _overrides(out, "run.max_steps=3"), False, timeout=600)
+    return out
+
+
+def test_tp2_run_trains_logs_saves_and_exports(tp2_run: Path) -> None:
+    rows = _metrics(tp2_run)
+    steps = [r["step"] for r in rows]
+    assert steps == [0, 1, 2, 3]
+    assert "heldout_accuracy" in rows[0] and "heldout_accuracy" in rows[-1]
+    for r in rows[1:]:
+        assert r["engine_calls"] <= 4  # at most one generate call per micro-group
+        assert 0.0 <= r["reward_unguided"] <= 1.0
+        assert r["sft_tokens"] + r["rl_tokens"] > 0 and r["grad_norm"] > 0
+    assert (tp2_run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    assert (tp2_run / "curves.png").stat().st_size > 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tp2_run / "hf")
+    assert model.config.num_hidden_layers == 2
+
+
+def test_resume_gives_the_same_metrics(tp2_run: Path, tmp_path: Path) -> None:
+    """Stop after step 2 (its checkpoint), resume, and step 3 matches the uninterrupted run exactly."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tp2_run / "checkpoints" / "step_000002", out / "checkpoints" / "step_000002")
+    (out / "checkpoints" / "latest").write_text("step_000002\n")
+    lines = (tp2_run / "metrics.jsonl").read_text().splitlines()[:3]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run_distributed(train_worker, 2, _overrides(out, "run.max_steps=3"), True, timeout=600)
+    assert _metrics(out) == _metrics(tp2_run)
+
+
+def test_pp2_two_steps(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_distributed(train_worker, 2, _overrides(
+        out, "run.max_steps=2", "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
+        "checkpoint.export_hf=false", "evaluation.path=null"), False, timeout=600)
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["grad_norm"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("run.max_stepz=3", "run.max_stepz"),
+    ("optimizer.lr=fast", "optimizer.lr"),
+    ("loss.prefix_objective=sftt", "prefix_objective"),
+    ("parallel.tensor_model_parallel_size=3", "parallel.tensor_model_parallel_size=3"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, override: str, needle: str) -> None:
+    with pytest.raises((ConfigError, ValueError)) as e:
+        cfg = load_config(str(CONFIG), _overrides(tmp_path, override))
+        check_config(cfg, 3)
+    assert needle in str(e.value)

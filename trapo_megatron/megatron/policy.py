@@ -1,0 +1,124 @@
+"""The policy on Megatron-Core: built from an HF checkpoint, trained with the TRAPO loss, streamed to the
+rollout engine, saved and resumed as a Megatron distributed checkpoint.
+
+Everything Megatron-specific the trainer needs is behind this class; the trainer itself never imports
+megatron.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trapo_megatron.algo.loss import LossConfig, trapo_loss
+from trapo_megatron.megatron import model_builder, platform, step
+
+OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class MegatronPolicy:
+    """This rank's stage of the policy, wrapped in Megatron DDP with the (distributed) optimizer."""
+
+    def __init__(self, hf_config: Any, hf_path: str, model_cfg: model_builder.ModelConfig,
+                 parallel: platform.ParallelConfig, optim_cfg: step.OptimizerConfig, total_steps: int) -> None:
+        from megatron.core import parallel_state as ps
+
+        from trapo_megatron.convert.model_io import load_hf_into_model
+
+        self.hf_config = hf_config
+        chunks = model_builder.build_model(hf_config, parallel, model_cfg.dtype, model_cfg.recompute_activations)
+        load_hf_into_model(chunks, hf_path, hf_config=hf_config, tp_group=ps.get_tensor_model_parallel_group())
+        self.chunks = step.wrap_ddp(chunks, optim_cfg.use_distributed_optimizer)
+        self.optimizer, self.scheduler = step.build_optimizer(self.chunks, optim_cfg, total_steps)
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        self.is_first_stage = ps.is_pipeline_first_stage()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.mp_rank = ps.get_model_parallel_group().rank()
+
+    # ------------------------------------------------------------------------------------ training
+    def train_step(self, micro_batches: list[step.MicroBatch], loss_cfg: LossConfig) -> dict[str, float]:
+        """One optimizer step over this DP rank's micro-batches; returns metric SUMS over the global batch
+        (identical on every rank) plus grad_norm and lr."""
+        for c in self.chunks:
+            c.train()
+        step.zero_grad(self.chunks, self.optimizer)
+
+        def loss_fn(logits: torch.Tensor, mb: step.MicroBatch):
+            return trapo_loss(logits, mb, loss_cfg, tp_group=self.tp_group)
+
+        reported = step.forward_backward(self.chunks, micro_batches, loss_fn)
+        applied, grad_norm = step.optimizer_step(self.optimizer, self.scheduler)
+        sums = self._global_sums(reported)
+        sums.update(grad_norm=grad_norm, lr=self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                    update_skipped=float(not applied))
+        return sums
+
+    def _global_sums(self, reported: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Sum micro-batch metric dicts over this rank's micro-batches, then over DP ranks; hand the result
+        from the last pipeline stage to every stage."""
+        keys = [sorted(reported[0])] if reported else [None]
+        src = dist.get_global_rank(self.pp_group, dist.get_world_size(self.pp_group) - 1)
+        dist.broadcast_object_list(keys, src=src, group=self.pp_group)
+        names = keys[0]
+        if reported:
+            local = torch.stack([torch.stack([r[k].float().reshape(()) for r in reported]).sum() for k in names])
+        else:
+            local = torch.zeros(len(names))
+        if not self.is_last_stage:
+            local.zero_()
+        dist.all_reduce(local, group=self.pp_group)
+        dist.all_reduce(local, group=self.dp_group)
+        return {k: float(v) for k, v in zip(names, local.tolist())}
+
+    # ------------------------------------------------------------------------------------ weights out
+    def hf_weights(self, bucket_bytes: int, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The live stream: every HF-named full tensor, on every rank (collective over TP and PP)."""
+        from trapo_megatron.convert.stream import iter_hf_weights
+
+        modules = [getattr(c, "module", c) for c in self.chunks]
+        return iter_hf_weights(modules, self.hf_config, tp_group=self.tp_group, pp_group=self.pp_group,
+                               bucket_bytes=bucket_bytes, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _sharded_state(self, is_loading: bool) -> dict[str, Any]:
+        """Model shards + optimizer state. The distributed optimizer saves its buffers per DP rank
+        ("dp_reshardable": parallel save/load without gathers; resume keeps the TP x PP layout; HF export and
+        `trapo convert` are the way to change it)."""
+        model_sd = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(self.chunks)}
+        flat = {k: v for sd in model_sd.values() for k, v in sd.items()}
+        optim = self.optimizer.sharded_state_dict(flat, is_loading=is_loading, metadata=OPTIMIZER_CKPT_METADATA)
+        return {**model_sd, "optimizer": optim}
+
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        """Model + optimizer shards + scheduler and ``extra`` (common, from rank 0) into ``directory``."""
+        from megatron.core import dist_checkpointing
+
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self._sharded_state(is_loading=False)
+        state["scheduler"] = self.scheduler.state_dict()
+        state["extra"] = extra
+        with platform.cuda_literals_on_cpu():
+            dist_checkpointing.save(state, str(directory))
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        """Restore model, optimizer and scheduler from ``directory``; returns the saved ``extra``."""
+        from megatron.core import dist_checkpointing
+
+        state = self._sharded_state(is_loading=True)
+        state["scheduler"] = None
+        state["extra"] = None
+        with platform.cuda_literals_on_cpu():
+            loaded = dist_checkpointing.load(state, str(directory))
+        for i, c in enumerate(self.chunks):
+            c.load_state_dict(loaded[f"model{i}"])
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        return loaded["extra"]

@@ -1,0 +1,65 @@
+"""Per-step metrics: metrics.jsonl + TensorBoard on rank 0, a progress bar with the key numbers.
+
+Every metric is a plain float; its normalisation is stated where it is computed (trainer.step_metrics).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PROGRESS_KEYS = {"reward_unguided": "r", "heldout_accuracy": "eval", "guided_fraction": "guided",
+                 "prefix_p_mean": "p", "entropy_mean": "H"}
+
+
+class MetricsLogger:
+    """Append-only metrics of a run; on resume, rows after the resumed step are dropped first."""
+
+    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool) -> None:
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a core dependency; tolerate a trimmed install
+            self._tb = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="trapo", unit="step", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            shown = {short: f"{metrics[k]:.3f}" for k, short in PROGRESS_KEYS.items() if k in metrics}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(max(0, step - self._bar.n))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()

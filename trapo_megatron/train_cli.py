@@ -1,0 +1,71 @@
+"""`trapo train`: a TRAPO run from a YAML config plus dotted overrides.
+
+One process per rank: under torchrun (or any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT), or alone for TP = PP = DP = 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from trapo_megatron.config import ConfigError, load
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, action="append",
+                        help="YAML file (see examples/); repeat to layer files, e.g. a preset then "
+                             "examples/ablations/grpo.yaml. Every field: `trapo config`")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from <run.output_dir>/checkpoints/latest when it exists")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted overrides, e.g. run.max_steps=10 optimizer.lr=1e-6 loss.prefix_objective=sft")
+    parser.epilog = ("Several ranks: torchrun --nproc-per-node N -m trapo_megatron.cli train --config FILE ...; "
+                     "N must be a multiple of parallel.tensor_model_parallel_size x pipeline_model_parallel_size.")
+
+
+def load_config(paths: str | list[str], overrides: list[str]):
+    from trapo_megatron.train.config import TrapoConfig
+
+    return load(TrapoConfig, paths, overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except (ConfigError, ValueError) as e:
+        print(f"trapo train: config error: {e}", file=sys.stderr)
+        return 2
+    summary = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+def check_config(cfg, world_size: int) -> None:
+    """Everything that can be checked before a process group exists: the checkpoint is there and the
+    TP/PP layout splits this model on ``world_size`` ranks (ValueError naming the knob otherwise)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from trapo_megatron.train.setup import check_layout
+
+    if not (Path(cfg.model.hf_path) / "config.json").is_file():
+        raise ValueError(f"model.hf_path={cfg.model.hf_path!r} is not a Hugging Face checkpoint directory "
+                         "(no config.json)")
+    check_layout(cfg, AutoConfig.from_pretrained(cfg.model.hf_path), world_size)
+
+
+def train(cfg, resume: bool = False) -> dict:
+    """Run ``cfg`` on this rank to the end; returns a summary (run dir, steps)."""
+    from trapo_megatron.trainer import Trainer
+
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.ctx.close()
