@@ -1,4 +1,4 @@
-"""The full TRAPO loss: config checks, micro-batch invariance, and property tests against analytic gradients."""
+"""The full TRAPO loss: config checks, micro-batch invariance, property tests against analytic gradients."""
 
 import math
 
@@ -16,18 +16,18 @@ from trapo_megatron.algo.masks import loss_masks, shift_labels, token_roles
 @pytest.mark.parametrize(
     "kwargs,field",
     [
-        (dict(prefix_objective="kl"), "prefix_objective"),
-        (dict(trsft_alpha=0.0), "trsft_alpha"),
-        (dict(trsft_alpha=1.5), "trsft_alpha"),
-        (dict(luffy_gamma=-1.0), "luffy_gamma"),
-        (dict(clip_ratio_low=1.0), "clip_ratio_low"),
-        (dict(clip_ratio_high=-0.1), "clip_ratio_high"),
-        (dict(tis_cap=0.0), "tis_cap"),
-        (dict(entropy_coef=float("nan")), "entropy_coef"),
-        (dict(aggregation="sum"), "aggregation"),
-        (dict(advantage="ppo"), "advantage"),
-        (dict(temperature=0.0), "temperature"),
-        (dict(chunk_tokens=0), "chunk_tokens"),
+        ({"prefix_objective": "kl"}, "prefix_objective"),
+        ({"trsft_alpha": 0.0}, "trsft_alpha"),
+        ({"trsft_alpha": 1.5}, "trsft_alpha"),
+        ({"luffy_gamma": -1.0}, "luffy_gamma"),
+        ({"clip_ratio_low": 1.0}, "clip_ratio_low"),
+        ({"clip_ratio_high": -0.1}, "clip_ratio_high"),
+        ({"tis_cap": 0.0}, "tis_cap"),
+        ({"entropy_coef": float("nan")}, "entropy_coef"),
+        ({"aggregation": "sum"}, "aggregation"),
+        ({"advantage": "ppo"}, "advantage"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"chunk_tokens": 0}, "chunk_tokens"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
@@ -38,13 +38,23 @@ def test_config_rejects_bad_values_naming_the_field(kwargs, field):
 def test_config_defaults_are_the_paper():
     cfg = LossConfig()
     assert (cfg.prefix_objective, cfg.trsft_alpha, cfg.aggregation, cfg.advantage, cfg.temperature) == (
-        "trsft", 0.1, "drgrpo", "drgrpo", 1.0)
+        "trsft",
+        0.1,
+        "drgrpo",
+        "drgrpo",
+        1.0,
+    )
     assert cfg.tis_cap is None and cfg.entropy_coef == 0.0
 
 
 def test_tis_needs_rollout_logprobs():
-    batch = dict(labels=torch.zeros(2, dtype=torch.long), sft_mask=torch.zeros(2, dtype=torch.bool),
-                 rl_mask=torch.ones(2, dtype=torch.bool), advantages=torch.ones(2), token_weight=torch.ones(2))
+    batch = {
+        "labels": torch.zeros(2, dtype=torch.long),
+        "sft_mask": torch.zeros(2, dtype=torch.bool),
+        "rl_mask": torch.ones(2, dtype=torch.bool),
+        "advantages": torch.ones(2),
+        "token_weight": torch.ones(2),
+    }
     with pytest.raises(ValueError, match="tis_cap"):
         trapo_loss(torch.zeros(2, 3, requires_grad=True), batch, LossConfig(tis_cap=2.0))
 
@@ -69,13 +79,15 @@ def _global_batch(mode, seed=0, num_seqs=8, seq_len=12, hidden=6, vocab=13):
         logsm = torch.log_softmax(h @ weights, dim=-1)
         return logsm.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
-    rows = dict(
-        labels=labels, sft_mask=sft, rl_mask=rl,
-        advantages=adv[:, None].expand(-1, seq_len).clone(),
-        token_weight=token_weights(sft | rl, mode, max_response_len=seq_len),
-        old_logprobs=lp(w0 + 0.3 * torch.randn(hidden, vocab, generator=g, dtype=torch.float64)),
-        rollout_logprobs=lp(w0 + 0.3 * torch.randn(hidden, vocab, generator=g, dtype=torch.float64)),
-    )
+    rows = {
+        "labels": labels,
+        "sft_mask": sft,
+        "rl_mask": rl,
+        "advantages": adv[:, None].expand(-1, seq_len).clone(),
+        "token_weight": token_weights(sft | rl, mode, max_response_len=seq_len),
+        "old_logprobs": lp(w0 + 0.3 * torch.randn(hidden, vocab, generator=g, dtype=torch.float64)),
+        "rollout_logprobs": lp(w0 + 0.3 * torch.randn(hidden, vocab, generator=g, dtype=torch.float64)),
+    }
     return h, w0, rows
 
 
@@ -105,10 +117,20 @@ def test_micro_batch_split_gives_the_same_gradient(mode):
 
 
 def test_finalize_metrics_divides_by_counts():
-    sums = {k: torch.tensor(v) for k, v in dict(
-        sft_tokens=4.0, rl_tokens=10.0, loss_tokens=14.0, clipped_tokens=2.0, prefix_p_sum=2.0,
-        prefix_outside_trust_region_tokens=1.0, entropy_sum=7.0, logprob_gap_abs_sum=0.5,
-        tis_truncated_tokens=0.0).items()}
+    sums = {
+        k: torch.tensor(v)
+        for k, v in {
+            "sft_tokens": 4.0,
+            "rl_tokens": 10.0,
+            "loss_tokens": 14.0,
+            "clipped_tokens": 2.0,
+            "prefix_p_sum": 2.0,
+            "prefix_outside_trust_region_tokens": 1.0,
+            "entropy_sum": 7.0,
+            "logprob_gap_abs_sum": 0.5,
+            "tis_truncated_tokens": 0.0,
+        }.items()
+    }
     out = finalize_metrics(sums)
     assert out["clip_fraction"] == 0.2 and out["prefix_p_mean"] == 0.5
     assert out["prefix_outside_trust_region"] == 0.25 and out["entropy_mean"] == 0.5
@@ -153,7 +175,9 @@ def packed_batches(draw):
 @given(packed_batches())
 @example((6, [(0, 0, 0), (0, 0, 0)], [True, True], LossConfig(), 1))  # all-padding rows only
 @example((6, [(2, 4, 0), (1, 0, 5), (0, 0, 0)], [True, False, True], LossConfig(entropy_coef=0.01), 2))
-@example((5, [(0, 5, 0)], [True], LossConfig(prefix_objective="sft", aggregation="seq_mean"), 3))  # all-prefix
+@example(
+    (5, [(0, 5, 0)], [True], LossConfig(prefix_objective="sft", aggregation="seq_mean"), 3)
+)  # all-prefix
 def test_property_loss_and_gradient_match_analytic(case):
     seq_len, lens, carries, cfg, seed = case
     g = torch.Generator().manual_seed(seed)
@@ -166,7 +190,7 @@ def test_property_loss_and_gradient_match_analytic(case):
     adv = torch.randn(num_seqs, 1, generator=g, dtype=torch.float64).expand(-1, seq_len).reshape(-1)
     sft, rl = sft.reshape(-1), rl.reshape(-1)
     logits = (3 * torch.randn(num_seqs * seq_len, vocab, generator=g, dtype=torch.float64)).requires_grad_()
-    batch = dict(labels=labels, sft_mask=sft, rl_mask=rl, advantages=adv, token_weight=weight)
+    batch = {"labels": labels, "sft_mask": sft, "rl_mask": rl, "advantages": adv, "token_weight": weight}
 
     loss, metrics = trapo_loss(logits, batch, cfg)  # on-policy: ratio 1, never clipped
     loss.backward()
@@ -179,17 +203,27 @@ def test_property_loss_and_gradient_match_analytic(case):
     p = (q * onehot).sum(-1)
     ent = -(q * logq).sum(-1)
     m_sft, m_rl, m_any = sft.double()[:, None], rl.double()[:, None], (sft | rl).double()[:, None]
-    grad = weight[:, None] * (
-        m_sft * ANALYTIC_DLDP[cfg.prefix_objective](p, cfg)[:, None] * p[:, None] * (onehot - q)
-        + m_rl * (-adv[:, None]) * (onehot - q)
-        + m_any * cfg.entropy_coef * q * (logq + ent[:, None])
-    ) / tau
+    grad = (
+        weight[:, None]
+        * (
+            m_sft * ANALYTIC_DLDP[cfg.prefix_objective](p, cfg)[:, None] * p[:, None] * (onehot - q)
+            + m_rl * (-adv[:, None]) * (onehot - q)
+            + m_any * cfg.entropy_coef * q * (logq + ent[:, None])
+        )
+        / tau
+    )
     torch.testing.assert_close(logits.grad, grad, atol=1e-9, rtol=1e-7)
 
     pg_value = (weight * rl * -adv).sum()
     ent_value = -cfg.entropy_coef * (weight * (sft | rl) * ent).sum()
-    sft_value = {"sft": -p.log(), "luffy": -p / (p + cfg.luffy_gamma), "none": torch.zeros_like(p),
-                 "trsft": torch.where(p >= cfg.trsft_alpha, -p.log(), 1 - math.log(cfg.trsft_alpha) - p / cfg.trsft_alpha)}
+    sft_value = {
+        "sft": -p.log(),
+        "luffy": -p / (p + cfg.luffy_gamma),
+        "none": torch.zeros_like(p),
+        "trsft": torch.where(
+            p >= cfg.trsft_alpha, -p.log(), 1 - math.log(cfg.trsft_alpha) - p / cfg.trsft_alpha
+        ),
+    }
     expected = pg_value + ent_value + (weight * sft * sft_value[cfg.prefix_objective]).sum()
     torch.testing.assert_close(loss.detach(), expected, atol=1e-9, rtol=1e-7)
 

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from trapo_megatron.algo.masks import (
-    CONTINUATION, IGNORE_LABEL, PAD, PREFIX, PROMPT, loss_masks, prefix_sft_carriers, shift_labels, token_roles,
+    CONTINUATION,
+    IGNORE_LABEL,
+    PAD,
+    PREFIX,
+    PROMPT,
+    loss_masks,
+    prefix_sft_carriers,
+    shift_labels,
+    token_roles,
 )
 
 
@@ -22,7 +30,9 @@ def test_worked_example():
 
 def test_batch_of_edge_cases():
     # unguided; all-prefix (L = 1.0 pure SFT sample); empty everything (padding row); sample filling seq_len
-    roles = token_roles(torch.tensor([2, 2, 0, 1]), torch.tensor([0, 3, 0, 0]), torch.tensor([3, 0, 0, 4]), seq_len=5)
+    roles = token_roles(
+        torch.tensor([2, 2, 0, 1]), torch.tensor([0, 3, 0, 0]), torch.tensor([3, 0, 0, 4]), seq_len=5
+    )
     sft, rl = loss_masks(roles, torch.tensor([True, True, True, False]))
     assert sft.int().tolist() == [[0] * 5, [0, 1, 1, 1, 0], [0] * 5, [0] * 5]
     assert rl.int().tolist() == [[0, 1, 1, 1, 0], [0] * 5, [0] * 5, [1, 1, 1, 1, 0]]

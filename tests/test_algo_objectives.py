@@ -33,12 +33,17 @@ def test_prefix_gradient_matches_analytic(name):
     logits, labels = _logits_spanning_trust_region()
     num_tokens, vocab = logits.shape
     weight = torch.rand(num_tokens, dtype=torch.float64)
-    batch = dict(
-        labels=labels, sft_mask=torch.ones(num_tokens, dtype=torch.bool), rl_mask=torch.zeros(num_tokens, dtype=torch.bool),
-        advantages=torch.zeros(num_tokens), token_weight=weight,
-    )
+    batch = {
+        "labels": labels,
+        "sft_mask": torch.ones(num_tokens, dtype=torch.bool),
+        "rl_mask": torch.zeros(num_tokens, dtype=torch.bool),
+        "advantages": torch.zeros(num_tokens),
+        "token_weight": weight,
+    }
     x = logits.clone().requires_grad_()
-    loss, metrics = trapo_loss(x, batch, LossConfig(prefix_objective=name, trsft_alpha=ALPHA, luffy_gamma=GAMMA))
+    loss, metrics = trapo_loss(
+        x, batch, LossConfig(prefix_objective=name, trsft_alpha=ALPHA, luffy_gamma=GAMMA)
+    )
     loss.backward()
 
     q = torch.softmax(logits, dim=-1)

@@ -76,18 +76,25 @@ def _tp_inputs():
     sft[2:7] = True
     rl = torch.zeros(T, dtype=torch.bool)
     rl[8:17] = True
-    batch = dict(
-        labels=labels, sft_mask=sft, rl_mask=rl,
-        advantages=torch.randn(T, generator=g), token_weight=torch.rand(T, generator=g) * (sft | rl),
-        old_logprobs=torch.log_softmax(logits + 0.3 * torch.randn(T, V, generator=g), -1).gather(1, labels.clamp(min=0)[:, None])[:, 0],
-        rollout_logprobs=torch.log_softmax(logits + 0.3 * torch.randn(T, V, generator=g), -1).gather(1, labels.clamp(min=0)[:, None])[:, 0],
-    )
+    batch = {
+        "labels": labels,
+        "sft_mask": sft,
+        "rl_mask": rl,
+        "advantages": torch.randn(T, generator=g),
+        "token_weight": torch.rand(T, generator=g) * (sft | rl),
+        "old_logprobs": torch.log_softmax(logits + 0.3 * torch.randn(T, V, generator=g), -1).gather(
+            1, labels.clamp(min=0)[:, None]
+        )[:, 0],
+        "rollout_logprobs": torch.log_softmax(logits + 0.3 * torch.randn(T, V, generator=g), -1).gather(
+            1, labels.clamp(min=0)[:, None]
+        )[:, 0],
+    }
     cfg = LossConfig(entropy_coef=0.01, tis_cap=1.5, clip_ratio_low=0.1, clip_ratio_high=0.1, temperature=0.8)
     return logits, labels, batch, cfg
 
 
 def _run_kernels(logits_shard, labels, batch, cfg, group):
-    """Kernels and the full loss on one shard: (logp, entropy, loss, metrics, grads of each w.r.t. the shard)."""
+    """One shard: logp, entropy, loss and metrics, and the gradient of each on the shard."""
     out = {}
     x = logits_shard.clone().requires_grad_()
     logp, ent = vocab_parallel_logprobs_entropy(x, labels, group, 0.8, chunk_tokens=4)

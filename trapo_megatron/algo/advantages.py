@@ -16,9 +16,13 @@ def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return index, uniques.numel()
 
 
-def _group_mean(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_mean(
+    values: torch.Tensor, index: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample mean of its group [N], per-sample group size [N])."""
-    counts = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, index, torch.ones_like(values))
+    counts = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(
+        0, index, torch.ones_like(values)
+    )
     sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, index, values)
     return (sums / counts)[index], counts[index]
 

@@ -61,7 +61,9 @@ def _drgrpo(loss_mask: torch.Tensor, counts: BatchCounts, max_response_len: int 
     """Dr.GRPO: ``1 / (max_response_len * num_seqs)`` on every loss token; the denominator is a constant of
     the run (the generation budget), so a token's weight never depends on the length of its sequence."""
     if max_response_len is None or max_response_len <= 0:
-        raise ValueError("aggregation='drgrpo' needs max_response_len > 0 (the rollout's max response length)")
+        raise ValueError(
+            "aggregation='drgrpo' needs max_response_len > 0 (the rollout's max response length)"
+        )
     return loss_mask / (max_response_len * counts.num_seqs.clamp(min=1))
 
 

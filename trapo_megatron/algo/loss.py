@@ -47,7 +47,7 @@ class LossConfig:
     """Truncated importance sampling cap C: continuation losses are weighted by min(pi_old/pi_rollout, C),
     correcting the train/inference mismatch. Needs rollout_logprobs in the batch. None: off."""
     entropy_coef: float = 0.0
-    """Entropy bonus coefficient over response tokens (prefix + continuation); the official code uses 0.001."""
+    """Entropy bonus coefficient over response tokens (prefix + continuation); the official code: 0.001."""
     aggregation: AggregationMode = "drgrpo"
     """How per-token losses are summed (read by the trainer when it builds token_weight, see aggregation.py):
     "drgrpo" 1/(max_response_len * num_seqs), "token_mean" 1/num_tokens, "seq_mean" 1/(len_i * num_seqs)."""
@@ -59,20 +59,27 @@ class LossConfig:
     temperature: float = 1.0
     """Sampling temperature; logits are divided by it before the softmax, as the rollout engine does."""
     chunk_tokens: int | None = None
-    """Tokens per chunk in the vocab-parallel kernels; None: as many as fit 16 MiB of fp32 per chunk."""
+    """Tokens per chunk in the vocab-parallel kernels; None: a per-device budget (vocab_parallel.py)."""
 
     def __post_init__(self) -> None:
-        for name, table in (("prefix_objective", PREFIX_OBJECTIVES), ("aggregation", AGGREGATIONS),
-                            ("advantage", ADVANTAGES)):
+        for name, table in (
+            ("prefix_objective", PREFIX_OBJECTIVES),
+            ("aggregation", AGGREGATIONS),
+            ("advantage", ADVANTAGES),
+        ):
             if getattr(self, name) not in table:
-                raise ValueError(f"LossConfig.{name} must be one of {sorted(table)}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"LossConfig.{name} must be one of {sorted(table)}, got {getattr(self, name)!r}"
+                )
         if not 0.0 < self.trsft_alpha <= 1.0:
             raise ValueError(f"LossConfig.trsft_alpha must be in (0, 1], got {self.trsft_alpha}")
         for name in ("luffy_gamma", "temperature", "advantage_eps"):
             if not (getattr(self, name) > 0.0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"LossConfig.{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.clip_ratio_low is not None and not 0.0 <= self.clip_ratio_low < 1.0:
-            raise ValueError(f"LossConfig.clip_ratio_low must be in [0, 1) or None, got {self.clip_ratio_low}")
+            raise ValueError(
+                f"LossConfig.clip_ratio_low must be in [0, 1) or None, got {self.clip_ratio_low}"
+            )
         if self.clip_ratio_high is not None and not self.clip_ratio_high >= 0.0:
             raise ValueError(f"LossConfig.clip_ratio_high must be >= 0 or None, got {self.clip_ratio_high}")
         if self.tis_cap is not None and not self.tis_cap > 0.0:
@@ -160,19 +167,29 @@ def trapo_loss(
         (/ loss_tokens); ``logprob_gap_abs_sum`` (|old - rollout| log-prob, 0 without rollout_logprobs) and
         ``tis_truncated_tokens`` (/ rl_tokens).
     """
-    sft_mask = batch["sft_mask"].to(torch.bool)
-    rl_mask = batch["rl_mask"].to(torch.bool)
-    loss_mask = sft_mask | rl_mask
     logp, entropy = vocab_parallel_logprobs_entropy(
         logits, batch["labels"], tp_group, cfg.temperature, cfg.chunk_tokens
     )
+    return trapo_loss_from_logprobs(logp, entropy, batch, cfg)
+
+
+def trapo_loss_from_logprobs(
+    logp: torch.Tensor, entropy: torch.Tensor, batch: TokenBatch, cfg: LossConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`trapo_loss` from per-token ``logp`` [T] and ``entropy`` [T] (differentiable, temperature
+    already applied) however they were computed; same returns. Labels are not read here."""
+    sft_mask = batch["sft_mask"].to(torch.bool)
+    rl_mask = batch["rl_mask"].to(torch.bool)
+    loss_mask = sft_mask | rl_mask
     if cfg.entropy_coef == 0.0:
         entropy = entropy.detach()  # metric only: the kernel then skips the entropy terms in backward
     weight = batch["token_weight"].to(logp.dtype)
     zero = torch.zeros_like(logp)
 
     # Prefix tokens: inputs masked BEFORE the nonlinearity so off-mask garbage can never produce inf/NaN.
-    sft_per_token = torch.where(sft_mask, PREFIX_OBJECTIVES[cfg.prefix_objective](torch.where(sft_mask, logp, zero), cfg), zero)
+    sft_per_token = torch.where(
+        sft_mask, PREFIX_OBJECTIVES[cfg.prefix_objective](torch.where(sft_mask, logp, zero), cfg), zero
+    )
 
     old = batch.get("old_logprobs")
     old = logp.detach() if old is None else old.to(logp.dtype)

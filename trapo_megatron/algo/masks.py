@@ -34,7 +34,9 @@ def token_roles(
     Segments follow each other from position 0; everything after the continuation is PAD. Raises
     ValueError if a sample does not fit in ``seq_len`` or a length is negative.
     """
-    lens = torch.stack([torch.as_tensor(x, dtype=torch.long) for x in (prompt_lens, prefix_lens, continuation_lens)])
+    lens = torch.stack(
+        [torch.as_tensor(x, dtype=torch.long) for x in (prompt_lens, prefix_lens, continuation_lens)]
+    )
     if bool((lens < 0).any()):
         raise ValueError("segment lengths must be >= 0")
     ends = lens.cumsum(dim=0)  # [3, N] end of prompt, prefix, continuation
@@ -48,7 +50,9 @@ def token_roles(
     return roles
 
 
-def loss_masks(roles: torch.Tensor, prefix_carries_sft: torch.Tensor | bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_masks(
+    roles: torch.Tensor, prefix_carries_sft: torch.Tensor | bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Shifted ``(sft_mask, rl_mask)``, both bool and shaped like ``roles`` ``[..., S]``.
 
     Position t is a loss position when its TARGET (token t+1) is a prefix token (sft_mask, and only for

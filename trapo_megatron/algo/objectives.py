@@ -9,13 +9,14 @@ weights the continuation tokens get. Written with ``p = exp(logp)``:
     trsft   -log p (p >= a);  1 - log a - p / a (p < a)       -1 / max(p, a)      TRAPO, a = 0.1
     sft     -log p                                            -1 / p              naive ablation (collapses)
     luffy   -p / (p + g)                                      -g / (p + g)^2      LUFFY shaping, g = 0.1
-    none    0                                                 0                   pure RL (GRPO + micro-groups)
+    none    0                                                 0                   pure RL (GRPO + micro-group)
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
