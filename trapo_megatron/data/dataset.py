@@ -31,6 +31,7 @@ class DataConfig:
     split: str = "train"
     """Split to read for hub datasets (local files always give "train")."""
     problem_column: str = "problem"
+    """Column with the problem statement (the user turn of the prompt)."""
     answer_column: str = "answer"
     """Gold answer; ints and floats are accepted and turned into strings."""
     solution_column: str = "solution"

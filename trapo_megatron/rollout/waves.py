@@ -33,7 +33,9 @@ class RolloutConfig:
     """Sampling for the rollouts of a training step."""
 
     temperature: float = 1.0
+    """Sampling temperature (paper: 1.0; the trainer's log-probs use the same, see loss.temperature)."""
     top_p: float = 1.0
+    """Nucleus sampling cut (1.0: off)."""
     top_k: int = 0
     """0 = no top-k."""
     max_response_tokens: int = 8192

@@ -132,3 +132,6 @@ class TrapoConfig:
     def __post_init__(self) -> None:
         if not self.model.hf_path:
             raise ValueError("model.hf_path is required: the Hugging Face checkpoint the policy starts from")
+        if self.loss.temperature != self.rollout.temperature:
+            raise ValueError(f"loss.temperature={self.loss.temperature} must equal rollout.temperature="
+                             f"{self.rollout.temperature}: the trained log-probs are of the sampled distribution")
