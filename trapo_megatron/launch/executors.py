@@ -120,9 +120,13 @@ def run_experiment(task: run.Script, executor: run.Executor, name: str, detach: 
     status = exp.status(return_dict=True) or {}
     failed = []
     for task_name, info in status.items():
-        state = str(info.get("status", "")).split(" ")[0].upper()
+        status_value = info.get("status", "")
+        state = str(getattr(status_value, "name", status_value)).upper()  # torchx AppState
         if state in ("FAILED", "CANCELLED", "UNKNOWN") or (not detach and state != "SUCCEEDED"):
             failed.append((task_name, state, info.get("local_dir", "")))
+        elif detach:
+            print(f"trapo launch: {task_name!r} {state.lower()} as job {info.get('job_id')} "
+                  f"(experiment {getattr(exp, '_id', name)})", file=sys.stderr)
     for task_name, state, where in failed:
         print(f"trapo launch: task {task_name!r} {state.lower()}; logs in {where}", file=sys.stderr)
         for log in sorted(Path(where).glob("**/combined.log")) if where else []:
