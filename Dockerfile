@@ -40,8 +40,9 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends git ninja-build \
     && rm -rf /var/lib/apt/lists/*
 
-# uv, then the venv on the image's Python 3.12 (PIP_CONSTRAINT="" drops the NGC pin on its own torch).
-RUN python3 -m pip install --no-cache-dir "uv==${UV_VERSION}" \
+# uv, then the venv on the image's Python 3.12 (PIP_CONSTRAINT="" drops the NGC pin on its own torch;
+# PIP_BREAK_SYSTEM_PACKAGES lets this one tool into the system Python if it is marked externally managed).
+RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir "uv==${UV_VERSION}" \
     && uv venv --python "$(command -v python3)" "$VIRTUAL_ENV"
 
 WORKDIR /opt/trapo-megatron
