@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from trapo_megatron.plan.model import ModelSpec, layer_params, padded_vocab, stage_params, total_params
+from trapo_megatron.plan.model import ModelSpec, padded_vocab, stage_params, total_params
 
 GIB = 1024**3
 
@@ -327,8 +327,3 @@ def optimizer_state_bytes(spec: ModelSpec, tp: int, pp: int, stage: int, precisi
     """Adam state bytes for the parameters of one rank before DP sharding (fp32 exp_avg + exp_avg_sq, plus
     the fp32 master copy under bf16)."""
     return stage_params(spec, tp, pp, stage).total * PRECISIONS[precision]["optimizer"]
-
-
-def layer_param_count(spec: ModelSpec, tp: int) -> int:
-    """Elements of one transformer layer on one TP rank."""
-    return layer_params(spec, tp).total

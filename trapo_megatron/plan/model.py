@@ -11,7 +11,6 @@ vocabulary (it requires TP to divide it); ``vocab_divisor`` models Megatron-LM's
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -75,7 +74,7 @@ class ModelSpec:
 PRESETS: dict[str, ModelSpec] = {
     "tiny": ModelSpec(  # the CPU demo's model (trapo_megatron/assets/demo/model)
         name="tiny", num_layers=2, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4,
-        num_query_groups=2, vocab_size=32, qkv_bias=True, tie_embeddings=True,
+        num_query_groups=2, vocab_size=112, qkv_bias=True, tie_embeddings=True,
     ),
     "qwen2.5-math-7b": ModelSpec(
         name="qwen2.5-math-7b", num_layers=28, hidden_size=3584, ffn_hidden_size=18944,
@@ -193,7 +192,3 @@ def total_params(spec: ModelSpec) -> int:
     embed = spec.vocab_size * spec.hidden_size
     return layer + embed * (1 if spec.tie_embeddings else 2) + spec.hidden_size
 
-
-def with_overrides(spec: ModelSpec, **changes: object) -> ModelSpec:
-    """A copy with some fields changed (validated again)."""
-    return dataclasses.replace(spec, **changes)
