@@ -50,9 +50,10 @@ def test_slurm_dryrun_32b(capsys) -> None:
     assert "#SBATCH --account=acct" in script and "#SBATCH --partition=batch" in script
     assert f"--container-image {IMAGE}" in script
     assert re.search(r"--container-mounts /lustre/data:/data,/lustre/ckpt:/ckpt", script)
-    for line in ("export CUDA_DEVICE_MAX_CONNECTIONS=1", "export HF_HUB_OFFLINE=1", "export WANDB_MODE=offline"):
-        assert line in script
-    assert ("-m trapo_megatron.cli train --config /opt/trapo-megatron/examples/qwen2.5_32b.yaml "
+    for var in ("CUDA_DEVICE_MAX_CONNECTIONS=1", "HF_HUB_OFFLINE=1", "WANDB_MODE=offline"):
+        assert f"export {var}" in script
+    assert ("-m trapo_megatron.cli train --config /opt/trapo-megatron/examples/qwen2.5-math-7b_trapo.yaml "
+            "--config /opt/trapo-megatron/examples/qwen2.5-32b_trapo.yaml "
             "parallel.tensor_model_parallel_size=4 parallel.pipeline_model_parallel_size=4 "
             "model.hf_path=/data/Qwen2.5-32B") in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # the script parses as bash
@@ -86,7 +87,7 @@ def test_recipe_factories_for_nemo_run_scripts() -> None:
 
     task = recipe_task("qwen2.5-72b", args=["optimizer.lr=1e-6"])
     assert task.path == "trapo_megatron.cli" and task.m and task.entrypoint == "python"
-    assert task.args[:3] == ["train", "--config", "/opt/trapo-megatron/examples/qwen2.5_72b.yaml"]
+    assert task.args[3:5] == ["--config", "/opt/trapo-megatron/examples/qwen2.5-72b_trapo.yaml"]
     executor = recipe_executor("qwen2.5-72b", cluster=ClusterSettings(account="a", container_image=IMAGE))
     script = sbatch_script(task, executor, "api")
     assert "#SBATCH --nodes=8" in script and "optimizer.lr=1e-6" in script
@@ -114,8 +115,8 @@ DEMO_WANTED = os.environ.get("TRAPO_TEST_LAUNCH_DEMO") == "1"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (DEMO_READY and DEMO_WANTED),
-                    reason="opt-in: set TRAPO_TEST_LAUNCH_DEMO=1 (needs examples/tiny_cpu.yaml, `trapo train`, "
-                           "the demo model)")
+                    reason="opt-in: set TRAPO_TEST_LAUNCH_DEMO=1 (needs examples/tiny_cpu.yaml, "
+                           "`trapo train`, the demo model)")
 def test_local_launch_tiny_demo_config(tmp_path) -> None:
     """The tiny demo config trains for 2 steps under torchrun (TP=2, gloo) launched by NeMo-Run."""
     overrides = ["run.max_steps=2", "run.prompts_per_step=4", f"run.output_dir={tmp_path / 'run'}",

@@ -33,7 +33,8 @@ def test_32b_recipe_is_nemo_rl_layout() -> None:
 def test_train_args_carry_config_and_layout() -> None:
     r = get_recipe("qwen2.5-72b")
     args = task_args(r, TASKS["train"], "/opt/code/", ["optimizer.lr=1e-6"])
-    assert args == ["train", "--config", "/opt/code/examples/qwen2.5_72b.yaml",
+    assert args == ["train", "--config", "/opt/code/examples/qwen2.5-math-7b_trapo.yaml",
+                    "--config", "/opt/code/examples/qwen2.5-72b_trapo.yaml",
                     "parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=4",
                     "optimizer.lr=1e-6"]
     assert task_args(r, TASKS["eval"], "/x", ["--k", "4"]) == ["eval", "--k", "4"]
@@ -61,13 +62,16 @@ def test_cli_modules_do_not_import_nemo_run_or_megatron() -> None:
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_config_loads_with_its_layout(name: str) -> None:
-    """The recipe's overrides are real config keys: the example config loads with them and keeps the layout."""
+    """The recipe's overrides are real config keys: its example config loads with them, layout intact."""
     r = RECIPES[name]
-    path = Path(__file__).resolve().parents[1] / r.config
-    if not path.exists():
-        pytest.skip(f"{r.config} is not written yet")
+    paths = [Path(__file__).resolve().parents[1] / c for c in r.configs]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        pytest.skip(f"{missing} not written yet")
     from trapo_megatron import config
     from trapo_megatron.train.config import TrapoConfig
 
-    cfg = config.load(TrapoConfig, path, r.overrides())
-    assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (r.tp, r.pp)
+    # data.path is the user's (an override at launch); a placeholder is enough to load
+    cfg = config.load(TrapoConfig, [str(p) for p in paths], [*r.overrides(), "data.path=/data/train.jsonl"])
+    parallel = cfg.parallel
+    assert (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size) == (r.tp, r.pp)

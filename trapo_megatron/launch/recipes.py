@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 class Recipe:
     """One example run."""
 
-    config: str
-    """YAML config, relative to the code directory (the repo, or its copy in the container)."""
+    configs: tuple[str, ...]
+    """YAML configs layered in order (``--config a --config b``), relative to the code directory (the repo,
+    or its copy in the container); the big models layer their cluster settings on the paper preset."""
     nodes: int
     """Slurm nodes."""
     gpus_per_node: int
@@ -46,15 +47,18 @@ class Recipe:
                 f"parallel.pipeline_model_parallel_size={self.pp}"]
 
 
+PAPER_PRESET = "examples/qwen2.5-math-7b_trapo.yaml"
+"""The paper's algorithm settings (Qwen2.5-Math-7B); larger models layer their own file on top."""
+
 RECIPES: dict[str, Recipe] = {
-    "tiny-cpu": Recipe(config="examples/tiny_cpu.yaml", nodes=1, gpus_per_node=0, nproc_per_node=2,
+    "tiny-cpu": Recipe(configs=("examples/tiny_cpu.yaml",), nodes=1, gpus_per_node=0, nproc_per_node=2,
                        tp=2, pp=1, time="00:30:00", seq_length=64),
-    "qwen2.5-math-7b": Recipe(config="examples/qwen2.5_math_7b.yaml", nodes=1, gpus_per_node=8,
+    "qwen2.5-math-7b": Recipe(configs=(PAPER_PRESET,), nodes=1, gpus_per_node=8,
                               nproc_per_node=8, tp=2, pp=1, time="48:00:00", planner_model="qwen2.5-math-7b"),
-    "qwen2.5-32b": Recipe(config="examples/qwen2.5_32b.yaml", nodes=4, gpus_per_node=8, nproc_per_node=8,
-                          tp=4, pp=4, time="48:00:00", planner_model="qwen2.5-32b"),
-    "qwen2.5-72b": Recipe(config="examples/qwen2.5_72b.yaml", nodes=8, gpus_per_node=8, nproc_per_node=8,
-                          tp=8, pp=4, time="48:00:00", planner_model="qwen2.5-72b"),
+    "qwen2.5-32b": Recipe(configs=(PAPER_PRESET, "examples/qwen2.5-32b_trapo.yaml"), nodes=4, gpus_per_node=8,
+                          nproc_per_node=8, tp=4, pp=4, time="48:00:00", planner_model="qwen2.5-32b"),
+    "qwen2.5-72b": Recipe(configs=(PAPER_PRESET, "examples/qwen2.5-72b_trapo.yaml"), nodes=8, gpus_per_node=8,
+                          nproc_per_node=8, tp=8, pp=4, time="48:00:00", planner_model="qwen2.5-72b"),
 }
 
 
@@ -67,13 +71,13 @@ class Task:
     distributed: bool = False
     """Run under torchrun on every node (else one process on one node)."""
     uses_config: bool = False
-    """Takes ``--config <recipe config>`` and the recipe's layout overrides."""
+    """Takes ``--config`` for each recipe config and the recipe's layout overrides."""
     help: str = ""
 
 
 TASKS: dict[str, Task] = {
     "train": Task(module="trapo_megatron.cli", prefix=("train",), distributed=True, uses_config=True,
-                  help="trapo train --config <recipe config> <layout overrides> <your overrides>"),
+                  help="trapo train --config <recipe configs> <layout overrides> <your overrides>"),
     "eval": Task(module="trapo_megatron.cli", prefix=("eval",), help="trapo eval <your args>"),
     "convert": Task(module="trapo_megatron.cli", prefix=("convert",), help="trapo convert <your args>"),
     "smoke": Task(module="trapo_megatron.launch.smoke", distributed=True,
@@ -101,8 +105,9 @@ def task_args(recipe: Recipe, task: Task, code_dir: str, extra: list[str]) -> li
     """Arguments after ``python -m <task.module>``."""
     args = list(task.prefix)
     if task.uses_config:
-        config = recipe.config if recipe.config.startswith("/") else f"{code_dir.rstrip('/')}/{recipe.config}"
-        args += ["--config", config, *recipe.overrides()]
+        for config in recipe.configs:
+            args += ["--config", config if config.startswith("/") else f"{code_dir.rstrip('/')}/{config}"]
+        args += recipe.overrides()
     return args + list(extra)
 
 
