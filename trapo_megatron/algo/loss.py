@@ -158,9 +158,9 @@ def trapo_loss(
         cfg: the objective.
         tp_group: tensor-parallel group; None (or a group of one) for TP=1.
     Returns:
-        ``(loss, metrics)``: loss a 0-d fp32 tensor, ``sum_t token_weight * per_token_loss`` (identical on
-        all TP ranks); metrics 0-d fp32 SUMS, to be summed over micro-batches and DP ranks, then divided as
-        in :data:`METRIC_MEANS` by :func:`finalize_metrics`:
+        ``(loss, metrics)``: loss 0-d fp32 (fp64 for fp64 logits), ``sum_t token_weight * per_token_loss``
+        (identical on all TP ranks); metrics 0-d fp32 SUMS, to be summed over micro-batches and DP ranks,
+        then divided as in :data:`METRIC_MEANS` by :func:`finalize_metrics`:
         ``sft_tokens``, ``rl_tokens``, ``loss_tokens`` (counts); ``sft_loss``, ``pg_loss``, ``entropy_loss``
         (weighted loss parts, already normalized); ``clipped_tokens`` (/ rl_tokens); ``prefix_p_sum`` and
         ``prefix_outside_trust_region_tokens`` (p < trsft_alpha; / sft_tokens); ``entropy_sum``
