@@ -10,6 +10,8 @@ import torch.distributed as dist
 
 from trapo_megatron.testing import run_distributed
 
+pytestmark = pytest.mark.timeout(900)  # spawned Megatron worlds: slow on a loaded 2-core machine
+
 FAMILIES = (("qwen2", False), ("llama", True))  # Qwen2: QKV bias, untied; Llama: no bias, tied
 
 

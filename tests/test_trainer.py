@@ -12,6 +12,8 @@ import pytest
 from trapo_megatron.config import ConfigError
 from trapo_megatron.demo import CONFIG, _asset_overrides
 from trapo_megatron.testing import run_distributed
+
+pytestmark = pytest.mark.timeout(900)  # spawned Megatron worlds: slow on a loaded 2-core machine
 from trapo_megatron.train_cli import check_config, load_config
 
 VOLATILE = ("time_", "tokens_per_s")
