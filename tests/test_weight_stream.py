@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from _convert_helpers import causal_mask, hf_model, input_ids, save_hf
+from _convert_helpers import causal_mask, hf_config, hf_model, input_ids, save_hf
 from trapo_megatron.convert import hf_io
 from trapo_megatron.convert.hf_to_mcore import convert_hf_to_mcore
 from trapo_megatron.convert.mcore_to_hf import convert_mcore_to_hf
@@ -85,17 +85,22 @@ def _tp_worker(rank, world_size, cfg, hf_dir, mcore_dir, save_dir, ids, ref_logi
     return out
 
 
-def test_tp1_tp2_logits_and_stream(tmp_path):
-    model = hf_model("qwen2", tied=False)
+def _prepare(tmp_path, family, tied):
+    """HF checkpoint + its converted Megatron checkpoint; the worker arguments with reference logits/state."""
+    model = hf_model(family, tied=tied)
     hf_dir = save_hf(model, tmp_path / "hf")
     convert_hf_to_mcore(hf_dir, tmp_path / "mcore")
-    (tmp_path / "saved").mkdir()
     ids = input_ids(model.config.vocab_size)
     with torch.no_grad():
         ref_logits = model(ids).logits
-    ref_state = {k: v.clone() for k, v in model.state_dict().items()}
-    results = run_distributed(_tp_worker, 2, _plain(model.config), str(hf_dir), str(tmp_path / "mcore"),
-                              str(tmp_path / "saved"), ids, ref_logits, ref_state, timeout=180)
+    ref_state = {k: v.clone() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    return hf_dir, (_plain(model.config), str(hf_dir), str(tmp_path / "mcore")), (ids, ref_logits, ref_state)
+
+
+def test_tp1_tp2_logits_and_stream(tmp_path):
+    hf_dir, head, (ids, ref_logits, ref_state) = _prepare(tmp_path, "qwen2", tied=False)
+    (tmp_path / "saved").mkdir()
+    results = run_distributed(_tp_worker, 2, *head, str(tmp_path / "saved"), ids, ref_logits, ref_state, timeout=300)
     for out in results:
         assert out["tp1_logits"] < TOL and out["tp2_logits"] < TOL, out
         assert out["tp1_stream"] == ([], 1), out["tp1_stream"]
@@ -140,16 +145,27 @@ def _pp_worker(rank, world_size, cfg, hf_dir, mcore_dir, ids, ref_logits, ref_st
 
 
 def test_pp2_tied_logits_and_stream(tmp_path):
-    model = hf_model("llama", tied=True)
-    hf_dir = save_hf(model, tmp_path / "hf")
-    convert_hf_to_mcore(hf_dir, tmp_path / "mcore")
-    ids = input_ids(model.config.vocab_size)
-    with torch.no_grad():
-        ref_logits = model(ids).logits
-    ref_state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    first, last = run_distributed(_pp_worker, 2, _plain(model.config), str(hf_dir), str(tmp_path / "mcore"), ids,
-                                  ref_logits, ref_state, timeout=180)
+    _, head, tail = _prepare(tmp_path, "llama", tied=True)
+    first, last = run_distributed(_pp_worker, 2, *head, *tail, timeout=300)
     assert last["logits"] < TOL, last
     for out in (first, last):
         assert out["stream"][0] == [] and out["stream"][1] > 2, out["stream"]
         assert out["ckpt_vs_direct"] == []
+
+
+def test_buckets_respect_the_budget_and_stage_boundaries():
+    from trapo_megatron.convert import mapping
+    from trapo_megatron.convert.stream import _buckets, _Group
+
+    dims = mapping.ModelDims.from_hf_config(hf_config("qwen2", False).to_dict())
+    walk = list(mapping.walk(dims))
+    half = dims.num_layers // 2  # PP=2 layout: stage 1 owns the second half of the layers and the output
+    groups = [_Group(i, int(layer is not None and layer >= half or e.mcore.startswith(("decoder.final", "output"))),
+                     mapping.mcore_shape(e, dims), torch.float32) for i, (e, layer) in enumerate(walk)]
+    budget = 60_000
+    buckets = _buckets(groups, walk, tp_size=2, pp_size=2, bucket_bytes=budget, gather_temp=True)
+    assert [g for b in buckets for g in b] == groups
+    for bucket in buckets:
+        assert len({g.owner for g in bucket}) == 1
+        cost = sum(g.cost(walk[g.order][0], 2, 2, True) for g in bucket)
+        assert cost <= budget or len(bucket) == 1

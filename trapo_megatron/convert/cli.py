@@ -1,4 +1,5 @@
 """``trapo convert hf-to-mcore | mcore-to-hf``: argument definitions and the runner the ``trapo`` CLI wires in.
+Importing this module is cheap (no torch): the ``trapo`` parser imports every subcommand module.
 
     trapo convert hf-to-mcore HF_DIR OUT_DIR [--overwrite]
     trapo convert mcore-to-hf MCORE_DIR OUT_DIR [--hf-config DIR] [--max-shard-size 5GB] [--dtype bfloat16]
@@ -11,9 +12,7 @@ import re
 import sys
 from typing import Callable
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("bfloat16", "float16", "float32")  # torch attribute names; torch is imported only to run
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -41,7 +40,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: the hf/ folder hf-to-mcore stores in the checkpoint)")
     to_hf.add_argument("--max-shard-size", type=parse_size, default=5 * 10**9, metavar="SIZE",
                        help="largest safetensors file (default 5GB)")
-    to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    to_hf.add_argument("--dtype", choices=DTYPES, default=None,
                        help="cast the weights (default: keep the checkpoint's dtype, bit for bit)")
     for p in (to_mcore, to_hf):
         p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -63,6 +62,8 @@ def _progress_bar(label: str, enabled: bool) -> Callable[[int], Callable[[], Non
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run the conversion ``args`` describes; 0 on success, 2 with a one-line message on a user error."""
+    import torch
+
     from trapo_megatron.convert.hf_to_mcore import convert_hf_to_mcore
     from trapo_megatron.convert.mcore_to_hf import convert_mcore_to_hf
 
@@ -73,7 +74,7 @@ def run_convert(args: argparse.Namespace) -> int:
         else:
             out = convert_mcore_to_hf(
                 args.mcore_dir, args.out_dir, hf_config_dir=args.hf_config, max_shard_bytes=args.max_shard_size,
-                dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite, progress=progress,
+                dtype=getattr(torch, args.dtype) if args.dtype else None, overwrite=args.overwrite, progress=progress,
             )
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"trapo convert {args.convert_direction}: error: {err}", file=sys.stderr)

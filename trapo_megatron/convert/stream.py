@@ -5,15 +5,17 @@ these (name, tensor) pairs). Every rank of the model runs it and every rank rece
 colocated engine on any rank can load them.
 
 How bytes move (each once): the pipeline stage that owns a parameter all-gathers its TP shards
-(``all_gather_into_tensor`` on ``tp_group``, one async op per parameter, waited per bucket), merges them
+(``all_gather_single`` on ``tp_group``, one async op per parameter, waited per bucket), merges them
 into the TP=1 Megatron layout, then broadcasts that tensor over ``pp_group`` to the other stages; every rank
 then splits it into HF tensors (``formats``). At TP=1 and PP=1 nothing moves and most yielded tensors are
 views of the parameters (QKV split is the only copy).
 
-Memory: ``bucket_bytes`` bounds what the stream itself allocates at once (gather / receive buffers, the
-TP-interleave copy and the QKV split copy); a single tensor group larger than a bucket forms its own bucket.
-Yielded tensors are valid until the next bucket is requested and may share memory with the parameters:
-consumers copy them (vLLM's weight loaders and the CPU twin do) and never modify them.
+Memory: ``bucket_bytes`` bounds what the stream itself allocates at once (gather / receive buffers, gloo's
+own flat temporary for an all-gather, the TP-interleave copy and the QKV split copy); a single tensor group
+whose cost exceeds a bucket forms its own bucket, so the bound is max(bucket, largest group's cost).
+The bound holds when the consumer drops a bucket before asking for the next (vLLM's load_weights does; the
+CPU twin collects everything to check names first). Yielded tensors may share memory with the parameters:
+consumers copy them and never modify them.
 """
 
 from __future__ import annotations
@@ -40,13 +42,16 @@ class _Group:
     local_shape: tuple[int, ...]
     dtype: torch.dtype
 
-    def cost(self, entry: mapping.Entry, tp_size: int, moves: bool) -> int:
-        """Bytes the stream allocates for this group (see module docstring)."""
-        full = torch.Size(self.local_shape).numel() * self.dtype.itemsize * (1 if entry.shard is Shard.REPLICATED else tp_size)
-        buffers = full if moves else 0
-        interleave = full if tp_size > 1 and entry.shard in (Shard.ROW, Shard.GATED_COLUMN) else 0
+    def cost(self, entry: mapping.Entry, tp_size: int, pp_size: int, gather_temp: bool) -> int:
+        """Bytes the stream allocates at once for this group (see module docstring)."""
+        full = torch.Size(self.local_shape).numel() * self.dtype.itemsize
+        gathers = tp_size > 1 and entry.shard is not Shard.REPLICATED
+        full *= tp_size if gathers else 1
+        buffers = full if gathers or pp_size > 1 else 0
+        temp = full if gathers and gather_temp else 0  # gloo gathers into its own flat temporary first
+        interleave = full if gathers and entry.shard in (Shard.ROW, Shard.GATED_COLUMN) else 0
         split = full if entry.fmt is formats.Format.QKV else 0
-        return buffers + interleave + split
+        return buffers + temp + interleave + split
 
 
 def _rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -73,12 +78,13 @@ def _plan(
     return groups
 
 
-def _buckets(groups: list[_Group], walk, tp_size: int, pp_size: int, bucket_bytes: int) -> list[list[_Group]]:
+def _buckets(groups: list[_Group], walk, tp_size: int, pp_size: int, bucket_bytes: int,
+             gather_temp: bool) -> list[list[_Group]]:
     """Consecutive groups of one owner whose costs sum to at most ``bucket_bytes``."""
     buckets: list[list[_Group]] = []
     used = 0
     for g in groups:
-        cost = g.cost(walk[g.order][0], tp_size, moves=tp_size > 1 or pp_size > 1)
+        cost = g.cost(walk[g.order][0], tp_size, pp_size, gather_temp)
         if not buckets or buckets[-1][0].owner != g.owner or used + cost > bucket_bytes:
             buckets.append([])
             used = 0
@@ -106,12 +112,13 @@ def iter_hf_buckets(
     params = local_params(model_chunks, dims)
     walk = list(mapping.walk(dims, detect_spec(p.entry.mcore for p in params)))
     position = {(e.mcore, layer): i for i, (e, layer) in enumerate(walk)}
-    tp_rank, tp_size = _rank(tp_group)
+    _, tp_size = _rank(tp_group)
     pp_rank, pp_size = _rank(pp_group)
     by_order = {position[(p.entry.mcore, p.layer)]: p for p in params if not p.tied_copy}
     groups = _plan(params, walk, position, pp_group)
     device = params[0].param.device if params else torch.device("cpu")
-    for bucket in _buckets(groups, walk, tp_size, pp_size, bucket_bytes):
+    gather_temp = tp_size > 1 and dist.get_backend(tp_group) == "gloo"
+    for bucket in _buckets(groups, walk, tp_size, pp_size, bucket_bytes, gather_temp):
         fulls: list[torch.Tensor] = []
         if bucket[0].owner == pp_rank:
             fulls = _tp_full([by_order[g.order] for g in bucket], tp_group, tp_size)
@@ -145,7 +152,7 @@ def _tp_full(params: list[LocalParam], tp_group: dist.ProcessGroup | None, tp_si
             gathered.append(None)
             continue
         buf = torch.empty((tp_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-        works.append(dist.all_gather_into_tensor(buf, local.contiguous(), group=tp_group, async_op=True))
+        works.append(dist.all_gather_single(buf, local.contiguous(), group=tp_group, async_op=True))
         gathered.append(buf.view(tp_size, *local.shape))
     for work in works:
         work.wait()
