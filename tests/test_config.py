@@ -37,8 +37,8 @@ class Outer:
 def test_yaml_and_overrides(tmp_path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("name: demo\ninner:\n  lr: 1\n  sizes: [1, 1]\n")
-    cfg = load(Outer, p, ["inner.mode=b", "steps=7", "inner.cap=0.5"])
-    assert cfg == Outer(name="demo", steps=7, inner=Inner(lr=1.0, mode="b", sizes=(1, 1), cap=0.5))
+    cfg = load(Outer, p, ["inner.mode=b", "steps=7", "inner.cap=1e-4"])
+    assert cfg == Outer(name="demo", steps=7, inner=Inner(lr=1.0, mode="b", sizes=(1, 1), cap=1e-4))
     assert isinstance(cfg.inner.lr, float)
     assert to_dict(cfg)["inner"]["sizes"] == [1, 1]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -36,9 +37,13 @@ def run_demo(args: argparse.Namespace) -> int:
     from trapo_megatron.train_cli import check_config, load_config
 
     overrides = _asset_overrides(args.out) + list(args.overrides)
-    cfg = load_config(str(CONFIG), overrides)  # fail fast on a bad override, before spawning
-    world = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
-    check_config(cfg, world)
+    try:  # fail fast on a bad override, before spawning
+        cfg = load_config(str(CONFIG), overrides)
+        world = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+        check_config(cfg, world)
+    except ValueError as e:  # ConfigError included
+        print(f"trapo demo: config error: {e}", file=sys.stderr)
+        return 2
     print(f"trapo demo: TRAPO on 3-digit addition, TP={cfg.parallel.tensor_model_parallel_size} "
           f"PP={cfg.parallel.pipeline_model_parallel_size} over {world} gloo processes, {cfg.run.max_steps} steps")
     t0 = time.perf_counter()
