@@ -24,27 +24,32 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Self
 
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # inherited by the spawned workers
 
-import torch  # noqa: E402
+import torch
 
 MB = 2**20
-STREAM_MODEL = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_attention_heads=14,
-                    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                    tie_word_embeddings=True, rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
-                    hidden_act="silu", initializer_range=0.02)  # Qwen2.5-0.5B widths
-QWEN25_15B = dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                  max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu", torch_dtype="bfloat16",
-                  rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, architectures=["Qwen2ForCausalLM"])
+STREAM_MODEL = {  # Qwen2.5-0.5B widths
+    "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14,
+    "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+    "hidden_act": "silu", "initializer_range": 0.02,
+}
+QWEN25_15B = {
+    "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+    "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "hidden_act": "silu", "torch_dtype": "bfloat16",
+    "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "architectures": ["Qwen2ForCausalLM"],
+}
 
 
 class PeakRSS:
     """Samples this process's anonymous resident memory (RssAnon: heap and tensors, not the page cache of
     memory-mapped safetensors files) every millisecond; ``extra`` is the peak above the start."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> Self:
         self.base = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -96,7 +101,7 @@ def _stream_worker(rank, world_size, cfg, bucket_sizes, repeats):
     par = platform.ParallelConfig(tensor_model_parallel_size=world_size)
     platform.initialize(par)
     model = model_builder.build_model(cfg, par, dtype="bfloat16")
-    groups = dict(tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group())
+    groups = {"tp_group": ps.get_tensor_model_parallel_group(), "pp_group": ps.get_pipeline_model_parallel_group()}
     engine = {n: torch.empty_like(t).copy_(t) for n, t in
               ((n, t) for b in iter_hf_buckets(model, cfg, **groups) for n, t in b)}  # engine-side weights
     total = sum(t.nbytes for t in engine.values())
@@ -126,7 +131,7 @@ def _stream_worker(rank, world_size, cfg, bucket_sizes, repeats):
         del send, recv
 
     for bucket_bytes in bucket_sizes:
-        end_to_end = min(_timed(lambda: consume(bucket_bytes)) for _ in range(repeats))
+        end_to_end = min(_timed(lambda b=bucket_bytes: consume(b)) for _ in range(repeats))
         out["buckets"][bucket_bytes]["stream_copy_Bps"] = total / end_to_end
     platform.destroy()
     return out
@@ -155,7 +160,7 @@ def _random_hf_checkpoint(directory: Path) -> int:
     return sum(torch.Size(s).numel() * 2 for s in shapes.values())
 
 
-def bench_convert(workdir: Path) -> dict:
+def bench_convert(workdir: Path, repeats: int) -> dict:
     from trapo_megatron.convert import hf_io
     from trapo_megatron.convert.hf_to_mcore import convert_hf_to_mcore
     from trapo_megatron.convert.mcore_to_hf import convert_mcore_to_hf
@@ -165,23 +170,26 @@ def bench_convert(workdir: Path) -> dict:
     nbytes = _random_hf_checkpoint(hf_dir)
     shutil.copytree(hf_dir, copy_dir)  # warm the page cache for every reader alike
     shutil.rmtree(copy_dir)
-    # Every timing starts with clean page cache writeback and ends when the bytes are on disk (os.sync):
-    # otherwise whichever runs first writes into free page cache and the next pays for its writeback.
-    os.sync()
-    copy_s = _timed(lambda: (shutil.copytree(hf_dir, copy_dir), os.sync()))
-    shutil.rmtree(copy_dir)
-    os.sync()
-    with PeakRSS() as mem_in:
-        to_mcore_s = _timed(lambda: (convert_hf_to_mcore(hf_dir, mcore_dir), os.sync()))
-    with PeakRSS() as mem_out:
-        to_hf_s = _timed(lambda: (convert_mcore_to_hf(mcore_dir, out_dir), os.sync()))
+    # Every timing starts with clean page cache writeback and ends when the bytes are on disk (os.sync);
+    # disk speed on a shared machine swings several-fold, so each is the best of ``repeats``, interleaved.
+    times: dict[str, list[float]] = {"copy": [], "hf_to_mcore": [], "mcore_to_hf": []}
+    for _ in range(repeats):
+        for path in (copy_dir, mcore_dir, out_dir):
+            shutil.rmtree(path, ignore_errors=True)
+        os.sync()
+        times["copy"].append(_timed(lambda: (shutil.copytree(hf_dir, copy_dir), os.sync())))
+        with PeakRSS() as mem_in:
+            times["hf_to_mcore"].append(_timed(lambda: (convert_hf_to_mcore(hf_dir, mcore_dir), os.sync())))
+        with PeakRSS() as mem_out:
+            times["mcore_to_hf"].append(_timed(lambda: (convert_mcore_to_hf(mcore_dir, out_dir), os.sync())))
+    copy_s, to_mcore_s, to_hf_s = (min(times[k]) for k in ("copy", "hf_to_mcore", "mcore_to_hf"))
     a, b = hf_io.HFSource(hf_dir), hf_io.HFSource(out_dir)
     for name in ("model.embed_tokens.weight", "model.layers.27.self_attn.k_proj.bias", "model.layers.5.mlp.up_proj.weight"):
         assert torch.equal(a.get(name), b.get(name)), name
     largest_group = 151936 * 1536 * 2  # the embedding (the largest QKV/fc1 group is smaller)
     return {"bytes": nbytes, "copy_s": copy_s, "hf_to_mcore_s": to_mcore_s, "mcore_to_hf_s": to_hf_s,
             "hf_to_mcore_peak_extra": mem_in.extra, "mcore_to_hf_peak_extra": mem_out.extra,
-            "largest_group_bytes": largest_group}
+            "largest_group_bytes": largest_group, "all_times_s": times}
 
 
 def report(results: dict) -> None:
@@ -218,7 +226,7 @@ def main() -> None:
     if not args.skip_convert:
         workdir = Path(tempfile.mkdtemp(prefix="trapo-convert-bench-", dir=args.workdir))
         try:
-            results["convert"] = bench_convert(workdir)
+            results["convert"] = bench_convert(workdir, args.repeats)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     report(results)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, rms_norm_eps=1e-6)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 64, "rms_norm_eps": 1e-6}
 
 # (family, tied): Qwen2 has QKV bias; Llama has none.
 CASES = [("qwen2", False), ("qwen2", True), ("llama", False), ("llama", True)]

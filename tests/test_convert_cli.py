@@ -4,8 +4,8 @@ import argparse
 
 import pytest
 import torch
-
 from _convert_helpers import hf_model, save_hf
+
 from trapo_megatron.convert import hf_io
 from trapo_megatron.convert.cli import add_convert_arguments, parse_size, run_convert
 

@@ -1,8 +1,8 @@
 """The mapping table against the tensors transformers actually creates, and its validation messages."""
 
 import pytest
-
 from _convert_helpers import CASES, hf_config, hf_model
+
 from trapo_megatron.convert import mapping
 
 

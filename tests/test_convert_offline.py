@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-
 from _convert_helpers import hf_model, input_ids, save_hf
+
 from trapo_megatron.convert import hf_io
 from trapo_megatron.convert.hf_to_mcore import convert_hf_to_mcore
 from trapo_megatron.convert.mcore_to_hf import convert_mcore_to_hf

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 DTYPES = ("bfloat16", "float16", "float32")  # torch attribute names; torch is imported only to run
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

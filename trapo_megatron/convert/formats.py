@@ -13,8 +13,8 @@ Every merge has a split that inverts it exactly (tests check the round trip on r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Callable
 
 import torch
 

@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -53,7 +54,7 @@ class HFSource:
         for path in files:
             handle = safe_open(str(path), framework="pt")
             self._files[path.name] = handle
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 if name in self._where:
                     raise ValueError(f"tensor {name} is stored twice ({self._where[name]} and {path.name})")
                 self._where[name] = path.name
@@ -136,7 +137,7 @@ class SafetensorsWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
-        self._file = open(self.directory / shard.filename, "wb")
+        self._file = open(self.directory / shard.filename, "wb")  # noqa: SIM115 - spans write() calls; close()
         self._file.write(struct.pack("<Q", len(blob)) + blob)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

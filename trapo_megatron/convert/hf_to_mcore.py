@@ -10,8 +10,8 @@ the config before the first byte is written; output goes to a temporary director
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -12,9 +12,10 @@ One generic walk, :func:`entries`, expands the table for a model; every converte
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from trapo_megatron.convert.distribution import Shard
 from trapo_megatron.convert.formats import Format
@@ -31,7 +32,7 @@ class Entry:
     fmt: Format = Format.IDENTITY
     shard: Shard = Shard.REPLICATED
 
-    def at_layer(self, layer: int) -> "Entry":
+    def at_layer(self, layer: int) -> Entry:
         """The entry with the wildcard replaced by ``layer`` (the same index on both sides)."""
         sub = str(layer)
         return replace(self, mcore=self.mcore.replace(LAYER, sub), hf=tuple(h.replace(LAYER, sub) for h in self.hf))
@@ -96,7 +97,7 @@ class ModelDims:
     qkv_bias: bool
 
     @classmethod
-    def from_hf_config(cls, cfg: Mapping[str, Any] | Any) -> "ModelDims":
+    def from_hf_config(cls, cfg: Mapping[str, Any] | Any) -> ModelDims:
         """From a config.json dict or a transformers PretrainedConfig; ValueError names the bad field."""
         get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
         model_type = get("model_type")
