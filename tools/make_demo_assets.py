@@ -180,24 +180,30 @@ A tiny byte-level BPE in Qwen2's format (loads as `Qwen2Tokenizer`), trained fro
 on the train rows: alphabet = printable ASCII + newline, merges learned from the task text only
 ({", ".join(f"`{t}`" for t in merges)}). Digits are single tokens, so decode(encode(x)) == x and a prompt +
 solution concatenation tokenizes as prompt tokens followed by solution tokens. `<|endoftext|>` = 0 is EOS and
-PAD; no BOS is added; there is no unknown token (characters outside the alphabet are dropped). {len(tokenizer)}
-tokens. Example: `{ex["problem"] + ex["solution"]}` -> {tokenizer.convert_ids_to_tokens(tokenizer.encode(ex["problem"] + ex["solution"]))}.
+PAD; no BOS is added; there is no unknown token (characters outside the alphabet are dropped).
+{len(tokenizer)} tokens. Example, one token per space:
+
+    {" ".join(tokenizer.convert_ids_to_tokens(tokenizer.encode(ex["problem"] + ex["solution"])))}
 
 ## Model (`model/`)
-Qwen2ForCausalLM, float32, {sum(p.numel() for p in model.parameters()):,} parameters: {cfg.num_hidden_layers} layers,
-hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, {cfg.num_key_value_heads} KV heads, intermediate
-{cfg.intermediate_size}, QKV bias, tied embeddings, rope theta {cfg.rope_parameters["rope_theta"]:g},
-max positions {cfg.max_position_embeddings}, vocab {cfg.vocab_size} (tokenizer size rounded up to a multiple
-of {VOCAB_MULTIPLE} for tensor parallelism; ids >= {len(tokenizer)} are never produced by the tokenizer and
-decode to nothing). bos = eos = pad = {tokenizer.eos_token_id}.
+- Qwen2ForCausalLM, float32, {sum(p.numel() for p in model.parameters()):,} parameters.
+- {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, \
+{cfg.num_key_value_heads} KV heads, intermediate {cfg.intermediate_size}, QKV bias, tied embeddings.
+- rope theta {cfg.rope_parameters["rope_theta"]:g}, max positions {cfg.max_position_embeddings}.
+- vocab {cfg.vocab_size}: the tokenizer's {len(tokenizer)} rounded up to a multiple of {VOCAB_MULTIPLE} for \
+tensor parallelism; ids >= {len(tokenizer)} are never produced by the tokenizer and decode to nothing.
+- bos = eos = pad = {tokenizer.eos_token_id}.
 
-Warm-up: plain SFT (teacher forcing on prompt + solution + EOS, loss on solution + EOS tokens) on the first
-{args.num_warmup} rows of `train.jsonl`, {args.warmup_epochs} epochs, batch {args.warmup_batch}, AdamW lr
-{args.warmup_lr:g}, grad clip 1.0; epoch losses {", ".join(f"{x:.3f}" for x in stats["losses"])}.
+Warm-up: plain SFT (teacher forcing on prompt + solution + EOS, loss on solution + EOS tokens) on the
+first {args.num_warmup} rows of `train.jsonl`: {args.warmup_epochs} epochs, batch {args.warmup_batch}, \
+AdamW lr {args.warmup_lr:g}, grad clip 1.0. Epoch losses: {", ".join(f"{x:.3f}" for x in stats["losses"])}.
 
 Greedy held-out accuracy (math-verify, {args.max_new_tokens} new tokens, all {args.num_heldout} held-out rows):
-random init {stats["acc_init"]:.3f}, shipped base model **{stats["acc_base"]:.3f}**. The policy starts weak
-but not hopeless, so guided micro-groups have something to teach and unguided rollouts some reward.
+- random init: {stats["acc_init"]:.3f}
+- shipped base model: **{stats["acc_base"]:.3f}**
+
+The policy starts weak but not hopeless: guided micro-groups have something to teach and unguided
+rollouts some reward.
 """
     (out / "README.md").write_text(text)
 
