@@ -38,6 +38,9 @@ class LossConfig:
     instead of 1/p."""
     luffy_gamma: float = 0.1
     """LUFFY shaping constant gamma > 0 in p/(p+gamma)."""
+    continuation_objective: Literal["grpo", "none"] = "grpo"
+    """Loss on continuation tokens (the policy's own): "grpo" (Dr.GRPO policy gradient), "none" (no RL: with
+    prefix_objective="sft" and an always-guided L=1.0 schedule this is the SFT-only ablation)."""
     clip_ratio_low: float | None = 0.2
     """PPO clip epsilon below (ratio >= 1 - clip_ratio_low); None: no lower clip. No effect on a single
     on-policy update (ratio = 1)."""
@@ -196,6 +199,8 @@ def trapo_loss_from_logprobs(
     pg_per_token, clipped = policy_gradient_loss(
         logp, old, batch["advantages"], rl_mask, cfg.clip_ratio_low, cfg.clip_ratio_high
     )
+    if cfg.continuation_objective == "none":
+        pg_per_token = zero
     rollout = batch.get("rollout_logprobs")
     gap = zero if rollout is None else (old - rollout.to(logp.dtype)).abs()
     truncated = torch.zeros_like(rl_mask)
