@@ -10,8 +10,9 @@ vocabulary, then gather and ``-(exp(l) * l).sum()``, with the same per-token TRA
 :func:`trapo_loss_from_logprobs`), so only the log-prob/entropy computation differs.
 
 Memory on CPU is the peak resident set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``)
-minus the resident set before the call, each variant in a fresh process so no allocator cache hides a peak;
-on CUDA it is ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
+minus the resident set before the call (least of two calls after a warm-up), each variant in a fresh process
+with a fixed 1 MiB mmap threshold so no allocator cache hides a peak; on CUDA it is
+``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
 
     python benchmarks/loss_kernel.py                       # fp32 and bf16 logits, 2048 tokens
     python benchmarks/loss_kernel.py --tokens 4096 --dtypes bf16 --device cuda
@@ -20,6 +21,7 @@ on CUDA it is ``torch.cuda.max_memory_allocated`` minus the memory allocated bef
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -83,25 +85,34 @@ def _status_kib(key: str) -> int:
 
 
 def measure_memory(variant: str, num_tokens: int, vocab: int, dtype: str, device: str) -> float:
-    """Peak extra bytes of one forward + backward, in THIS process (call it in a fresh one)."""
+    """Peak extra bytes of one forward + backward, in THIS process (call it in a fresh one): the least of two
+    measured calls after a warm-up call of the same size, so that library pages faulted in on first use and
+    pages evicted by other processes do not count."""
     fn = VARIANTS[variant]
-    step(fn, *make_inputs(8, vocab, DTYPES[dtype], device))  # initialize libraries on a tiny input
     logits, batch = make_inputs(num_tokens, vocab, DTYPES[dtype], device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+    step(fn, logits, batch)  # warm-up at full size
+    peaks = []
+    for _ in range(2):
+        logits.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step(fn, logits, batch)
+            torch.cuda.synchronize()
+            peaks.append(float(torch.cuda.max_memory_allocated() - before))
+            continue
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set (VmHWM) to the current one
         step(fn, logits, batch)
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated() - before)
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set (VmHWM) to the current one
-    step(fn, logits, batch)
-    return float(_status_kib("VmHWM") - before) * 1024
+        peaks.append(float(_status_kib("VmHWM") - before) * 1024)
+    return min(peaks)
 
 
 def memory_in_subprocess(variant: str, args, dtype: str) -> float:
+    """:func:`measure_memory` in a fresh interpreter. glibc's adaptive mmap threshold is pinned at 1 MiB
+    there, so every freed buffer goes back to the system instead of hiding in the heap as resident memory."""
     cmd = [
         sys.executable,
         __file__,
@@ -118,7 +129,8 @@ def memory_in_subprocess(variant: str, args, dtype: str) -> float:
         "--threads",
         str(args.threads),
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return float(out.strip().splitlines()[-1])
 
 

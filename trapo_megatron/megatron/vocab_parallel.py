@@ -62,6 +62,12 @@ def _local_targets(labels: torch.Tensor, vocab_local: int, rank: int) -> tuple[t
     return local.clamp(0, vocab_local - 1), held
 
 
+def _upcast(chunk: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``chunk`` itself if it already has the accumulation dtype, else its copy cast into ``buf`` (a
+    mixed-dtype op would allocate a hidden cast temporary of the chunk's size)."""
+    return chunk if chunk.dtype == buf.dtype else buf.copy_(chunk)
+
+
 class _VocabParallelLogProbEntropy(torch.autograd.Function):
     """logits [T, V/P] (any float dtype), labels [T] long (global ids) -> logp [T], entropy [T] | None,
     in fp32 (fp64 for fp64 logits).
@@ -90,7 +96,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
             u, e = u_buf[: b - a], e_buf[: b - a]
             m = logits[a:b].amax(dim=-1).to(acc) * inv_temp
             local_max[a:b] = m
-            torch.add(-m.unsqueeze(-1), logits[a:b], alpha=inv_temp, out=u)  # z - m, upcast in the same pass
+            torch.add(-m.unsqueeze(-1), _upcast(logits[a:b], u), alpha=inv_temp, out=u)  # z - m
             torch.exp(u, out=e)
             torch.sum(e, dim=-1, out=sums[0, a:b])
             if with_entropy:  # sum_v e_v u_v as a batched dot product: no [C, V/P] temporary
@@ -153,7 +159,9 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         for a, b in chunks:
             log_p = lp_buf[: b - a]
             p = grad[a:b] if p_buf is None else p_buf[: b - a]
-            torch.add(-log_partition[a:b].unsqueeze(-1), logits[a:b], alpha=inv_temp, out=log_p)
+            torch.add(
+                -log_partition[a:b].unsqueeze(-1), _upcast(logits[a:b], log_p), alpha=inv_temp, out=log_p
+            )
             torch.exp(log_p, out=p)
             if k1 is not None:
                 p.mul_(torch.addcmul(k0[a:b].unsqueeze(-1), log_p, k1[a:b].unsqueeze(-1), out=log_p))
