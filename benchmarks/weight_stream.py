@@ -178,6 +178,7 @@ def bench_convert(workdir: Path, repeats: int) -> dict:
             shutil.rmtree(path, ignore_errors=True)
         os.sync()
         times["copy"].append(_timed(lambda: (shutil.copytree(hf_dir, copy_dir), os.sync())))
+        shutil.rmtree(copy_dir)  # keep at most three copies of the model on disk (or in tmpfs)
         with PeakRSS() as mem_in:
             times["hf_to_mcore"].append(_timed(lambda: (convert_hf_to_mcore(hf_dir, mcore_dir), os.sync())))
         with PeakRSS() as mem_out:
@@ -217,7 +218,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-stream", action="store_true")
     parser.add_argument("--skip-convert", action="store_true")
-    parser.add_argument("--workdir", default=None, help="scratch directory for the conversion (default: a temp dir)")
+    parser.add_argument("--workdir", default=None,
+                        help="scratch directory for the conversion, needs 3x the model (e.g. /dev/shm to time "
+                             "without the disk; default: the temp dir)")
     parser.add_argument("--json", default=None, help="also write the raw figures here")
     args = parser.parse_args()
     results: dict = {}

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
+import struct
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -165,7 +168,82 @@ class McoreCheckpoint:
         return self.metadata.state_dict_metadata[key].properties.dtype
 
     def read(self, requests: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> dict[str, torch.Tensor]:
-        """{key: (offsets, sizes)} -> {key: tensor of ``sizes``} in one pass over the files."""
-        dests = {k: (off, torch.empty(size, dtype=self.dtype(k))) for k, (off, size) in requests.items()}
-        dcp.load({}, storage_reader=self._reader, planner=_ChunkLoadPlanner(dests), no_dist=True)
-        return {k: t for k, (_, t) in dests.items()}
+        """{key: (offsets, sizes)} -> {key: tensor of ``sizes``}.
+
+        A request that is exactly one stored chunk (always so for ``hf-to-mcore`` output and for
+        unsharded tensors) is a zero-copy view of the memory-mapped file; any other (a TP-sharded
+        training checkpoint) goes through DCP, which reassembles it from the overlapping chunks.
+        """
+        out, rest = {}, {}
+        for key, (offsets, sizes) in requests.items():
+            view = self._stored_chunk(key, offsets, sizes)
+            if view is None:
+                rest[key] = (offsets, torch.empty(sizes, dtype=self.dtype(key)))
+            else:
+                out[key] = view
+        if rest:
+            dcp.load({}, storage_reader=self._reader, planner=_ChunkLoadPlanner(rest), no_dist=True)
+            out.update({k: t for k, (_, t) in rest.items()})
+        return out
+
+    def _stored_chunk(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor | None:
+        """The stored chunk at ``offsets`` if it has exactly ``sizes``, as a view of the mapped file."""
+        md = self.metadata.state_dict_metadata[key]
+        if not any(tuple(c.offsets) == tuple(offsets) and tuple(c.sizes) == tuple(sizes) for c in md.chunks):
+            return None
+        info = self.metadata.storage_data[MetadataIndex(key, torch.Size(offsets))]
+        if info.transform_descriptors:
+            return None
+        buf = self._mapped(info.relative_path)
+        start = _stored_tensor_offset(buf, info.offset, info.length)
+        dtype = md.properties.dtype
+        numel = torch.Size(sizes).numel()
+        if start is None or start[1] != numel * dtype.itemsize:
+            return None
+        return torch.frombuffer(buf, dtype=dtype, count=numel, offset=info.offset + start[0]).view(sizes)
+
+    def _mapped(self, relative_path: str) -> mmap.mmap:
+        if not hasattr(self, "_maps"):
+            self._maps: dict[str, mmap.mmap] = {}
+        if relative_path not in self._maps:
+            with open(self.directory / relative_path, "rb") as f:  # private mapping: writable views, no copies
+                self._maps[relative_path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[relative_path]
+
+
+class _Slice(io.RawIOBase):
+    """A read-only file over ``buf[start:start+length]`` (for zipfile) without copying it."""
+
+    def __init__(self, buf: mmap.mmap, start: int, length: int):
+        self._view, self._pos = memoryview(buf)[start:start + length], 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = (pos, self._pos + pos, len(self._view) + pos)[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, target) -> int:  # type: ignore[override]
+        n = max(0, min(len(target), len(self._view) - self._pos))
+        target[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+def _stored_tensor_offset(buf: mmap.mmap, start: int, length: int) -> tuple[int, int] | None:
+    """(offset, size) of the single uncompressed storage record in a torch.save blob, relative to ``start``."""
+    with zipfile.ZipFile(io.BufferedReader(_Slice(buf, start, length))) as zf:
+        records = [i for i in zf.infolist() if i.filename.rsplit("/", 2)[-2:-1] == ["data"]]
+        if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED:
+            return None
+        info = records[0]
+    header = buf[start + info.header_offset:start + info.header_offset + 30]
+    name_len, extra_len = struct.unpack("<HH", header[26:30])  # zip local file header
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
