@@ -122,12 +122,8 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         entropy = torch.log(sums[0]) - sums[1] / sums[0] if with_entropy else None
 
         ctx.save_for_backward(logits, labels, log_partition, entropy if with_entropy else log_partition)
-        ctx.rank, ctx.inv_temp, ctx.with_entropy, ctx.chunk_tokens = (
-            rank,
-            inv_temp,
-            with_entropy,
-            chunk_tokens,
-        )
+        ctx.rank, ctx.inv_temp = rank, inv_temp
+        ctx.with_entropy, ctx.chunk_tokens = with_entropy, chunk_tokens
         ctx.set_materialize_grads(False)
         return logp, entropy
 
