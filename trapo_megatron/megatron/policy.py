@@ -92,7 +92,7 @@ class MegatronPolicy:
         """Model shards + optimizer state. The distributed optimizer saves its buffers per DP rank
         ("dp_reshardable": parallel save/load without gathers; resume keeps the TP x PP layout; HF export and
         `trapo convert` are the way to change it)."""
-        model_sd = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(self.chunks)}
+        model_sd = {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(self.chunks)}
         flat = {k: v for sd in model_sd.values() for k, v in sd.items()}
         optim = self.optimizer.sharded_state_dict(flat, is_loading=is_loading, metadata=OPTIMIZER_CKPT_METADATA)
         return {**model_sd, "optimizer": optim}
@@ -112,13 +112,20 @@ class MegatronPolicy:
         """Restore model, optimizer and scheduler from ``directory``; returns the saved ``extra``."""
         from megatron.core import dist_checkpointing
 
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            # The distributed optimizer's state (and its Adam step) must exist before a load can fill it in
+            # place; megatron-core only does this itself for its FSDP format.
+            init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+            if init is not None:
+                init()
         state = self._sharded_state(is_loading=True)
         state["scheduler"] = None
         state["extra"] = None
         with platform.cuda_literals_on_cpu():
             loaded = dist_checkpointing.load(state, str(directory))
         for i, c in enumerate(self.chunks):
-            c.load_state_dict(loaded[f"model{i}"])
-        self.optimizer.load_state_dict(loaded["optimizer"])
+            c.module.load_state_dict(loaded[f"model{i}"])
+        with torch.no_grad():  # fp32 main params are views of the model's parameters
+            self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
         return loaded["extra"]
