@@ -111,6 +111,8 @@ class Trainer:
             **{f"guided_mg{i + 1}": n / max(prompts, 1.0) for i, n in enumerate(guided)},  # fraction of prompts
             "tokens_per_s": sums["num_tokens"] / max(sum(self.times.values()), 1e-9),  # trained tokens / step time
             "engine_calls": waves.num_engine_calls,
+            "time_generate": waves.generate_seconds,  # inside time_rollout
+            "time_reward": waves.score_seconds,  # inside time_rollout
         }
         keep = ("loss", "grad_norm", "lr", "sft_tokens", "rl_tokens", "prefix_p_mean", "prefix_outside_trust_region",
                 "entropy_mean", "clip_fraction", "logprob_gap_mean", "tis_truncated_fraction", "update_skipped")

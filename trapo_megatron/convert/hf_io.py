@@ -198,3 +198,28 @@ def commit_output(tmp: Path, final: str | os.PathLike, overwrite: bool = False) 
             raise FileExistsError(f"{final} exists; pass overwrite to replace it")
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Iterable[tuple[str, torch.Tensor]], side_files_from: str | os.PathLike, *, overwrite: bool = False,
+    max_shard_bytes: int = 5 * 10**9, tick: Any = None,
+) -> Path:
+    """A Hugging Face checkpoint at ``out_dir``: ``tensors`` (in ``plan`` order, cast to the planned dtype)
+    as sharded safetensors + index, and the config / tokenizer files of ``side_files_from``. Written to a
+    temporary sibling and moved into place at the end; nothing is left behind on failure."""
+    tmp = temporary_output(out_dir)
+    try:
+        writer = SafetensorsWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
+        dtypes = {name: dtype for name, _, dtype in plan}
+        for name, tensor in tensors:
+            writer.write(name, tensor.to(dtypes.get(name, tensor.dtype)))
+            if tick is not None:
+                tick()
+        writer.close()
+        copy_side_files(side_files_from, tmp)
+        commit_output(tmp, out_dir, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(out_dir)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -84,18 +83,8 @@ def convert_mcore_to_hf(
         stored = ckpt.dtype(mcore_io.checkpoint_key(entry.mcore))
         concrete = entry if layer is None else entry.at_layer(layer)
         plan += [(h, hf_shapes[h], dtype or stored) for h in concrete.hf]
-    tmp = hf_io.temporary_output(out_dir)
-    try:
-        writer = hf_io.SafetensorsWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
-        tick = progress(len(plan)) if progress else (lambda: None)
-        for name, tensor in iter_checkpoint_hf(ckpt, dims):
-            writer.write(name, tensor if dtype is None else tensor.to(dtype))
-            tick()
-        writer.close()
-        hf_io.copy_side_files(config_dir, tmp)
-        hf_io.commit_output(tmp, out_dir, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tick = progress(len(plan)) if progress else None
+    hf_io.write_checkpoint(out_dir, plan, iter_checkpoint_hf(ckpt, dims), config_dir, overwrite=overwrite,
+                           max_shard_bytes=max_shard_bytes, tick=tick)
     return out_dir
 

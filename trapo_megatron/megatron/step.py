@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from trapo_megatron.megatron import platform
+from trapo_megatron.megatron import model_builder, platform
 
 MicroBatch = dict[str, Any]
 """One packed micro-batch: ``tokens`` (1, S) long, ``position_ids`` (1, S) long, ``attention_mask``
@@ -123,9 +123,18 @@ def forward_backward(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    thd = model_builder.transformer_engine_available()
+
+    dev = platform.device()
+
     def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        logits = model(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=None)
+        mb = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v
+              for k, v in next(data_iterator).items()}
+        if thd:  # padding-free THD attention over the packed sequences (Transformer Engine)
+            logits = model(mb["tokens"], mb["position_ids"], None, labels=None,
+                           packed_seq_params=packed_seq_params(mb["cu_seqlens"]))
+        else:  # local attention: the explicit block-diagonal causal mask
+            logits = model(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=None)
 
         def loss_func(output: torch.Tensor):
             # (1, S, V/TP) -> (S, V/TP)
@@ -147,6 +156,16 @@ def forward_backward(
             forward_only=forward_only,
         )
     return list(out)
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor) -> Any:
+    """THD boundaries of one packed row for Transformer Engine attention."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens.to(device=platform.device(), dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
 
 
 def optimizer_step(optimizer: Any, scheduler: Any) -> tuple[bool, float]:

@@ -114,20 +114,16 @@ class RunContext:
         """The final policy as a Hugging Face checkpoint (written by rank 0 from the live weight stream)."""
         from trapo_megatron.convert import hf_io, mapping
 
-        dims = mapping.ModelDims.from_hf_config(self.hf_config.to_dict())
-        dtype = model_builder.DTYPES[self.cfg.model.dtype]
-        shapes = mapping.hf_shapes(dims)
-        plan = [(h, shapes[h], dtype) for entry, layer in mapping.walk(dims, mapping.Spec.LOCAL)
-                for h in (entry if layer is None else entry.at_layer(layer)).hf]
-        tmp = hf_io.temporary_output(out_dir) if self.is_rank0 else None
-        writer = hf_io.SafetensorsWriter(tmp, plan) if self.is_rank0 else None
-        for name, tensor in self.policy.hf_weights(self.cfg.engine.weight_bucket_mb * 2**20):
-            if writer is not None:
-                writer.write(name, tensor)
-        if writer is not None:
-            writer.close()
-            hf_io.copy_side_files(self.cfg.model.hf_path, tmp)
-            hf_io.commit_output(tmp, out_dir, overwrite=True)
+        stream = self.policy.hf_weights(self.cfg.engine.weight_bucket_mb * 2**20)
+        if self.is_rank0:
+            dims = mapping.ModelDims.from_hf_config(self.hf_config.to_dict())
+            dtype = model_builder.DTYPES[self.cfg.model.dtype]
+            shapes = mapping.hf_shapes(dims)
+            plan = [(h, shapes[h], dtype) for entry in mapping.expanded(dims) for h in entry.hf]
+            hf_io.write_checkpoint(out_dir, plan, stream, self.cfg.model.hf_path, overwrite=True)
+        else:
+            for _ in stream:  # every rank takes part in the collectives
+                pass
         dist.barrier()
 
     def close(self) -> None:
