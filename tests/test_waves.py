@@ -9,7 +9,7 @@ from trapo_megatron.data.dataset import Example
 from trapo_megatron.data.prefix import cut_prefix
 from trapo_megatron.reward.math_reward import last_boxed
 from trapo_megatron.rollout import Generation
-from trapo_megatron.rollout.waves import RolloutConfig, run_waves, wave_metrics
+from trapo_megatron.rollout.waves import RolloutConfig, run_waves
 
 SOLUTION = (
     "Subtract 3 from both sides.\n\nDivide both sides by 2.\n\nCheck: 2 * 4 + 3 = 11.\n\nSo \\boxed{{{a}}}."
@@ -114,12 +114,13 @@ def test_full_expert_is_not_generated(tok):
 def test_decisions_prefixes_and_sft_flags(tok):
     examples, engine, _, groups, _ = _run(tok, {0: "always", 1: "never", 2: "guided"})
     a, b, c = groups
-    m = wave_metrics(groups)  # unguided samples only: all of a (8 right), first 4 of b and c (wrong)
-    assert m["reward/mean_unguided"] == 8 / 16 and m["samples/expert_only"] == 2
-    assert (
-        m["guided_fraction/mg2"] == m["guided_fraction/mg4"] == 2 / 3
-        and m["samples/guided_fraction"] == 8 / 24
-    )
+    flat = [r for g in groups for r in g]
+    unguided = [r for r in flat if not r.guided]  # all of a (8 right), first 4 of b and c (wrong)
+    assert sum(r.reward for r in unguided) / len(unguided) == 8 / 16
+    assert sum(r.finish_reason == "expert" for r in flat) == 2
+    for mg in (1, 3):  # micro-groups 2 and 4 guide b and c, not a
+        assert [next(r for r in g if r.micro_group == mg).guided for g in groups] == [False, True, True]
+    assert (len(flat) - len(unguided)) / len(flat) == 8 / 24
     assert not any(r.guided for r in a) and all(r.reward == 1.0 and r.prefix_ids == [] for r in a)
     assert [r.guided for r in b] == [False] * 4 + [True] * 4 and [r.ratio for r in b][4:] == [
         0.2,

@@ -223,26 +223,6 @@ def _paragraph_ids(tokenizer) -> frozenset[int]:
     return paragraph_token_ids(tokenizer)  # a vocabulary scan: once per tokenizer, not once per step
 
 
-def wave_metrics(groups: Sequence[Sequence[Rollout]]) -> dict[str, float]:
-    """Step metrics. As in the paper, reward and length EXCLUDE guided samples (means over unguided samples);
-    guided fractions are over prompts, per micro-group."""
-    flat = [r for g in groups for r in g]
-    plain = [r for r in flat if not r.guided]
-    out = {
-        "reward/mean_unguided": sum(r.reward for r in plain) / max(len(plain), 1),
-        "response_len/mean_unguided": sum(len(r.continuation_ids) for r in plain) / max(len(plain), 1),
-        "samples/guided_fraction": (len(flat) - len(plain)) / max(len(flat), 1),
-        "samples/expert_only": float(sum(r.finish_reason == "expert" for r in flat)),
-        "samples/truncated_fraction": sum(r.finish_reason == "length" for r in plain) / max(len(plain), 1),
-    }
-    for mg in sorted({r.micro_group for r in flat} - {0}):
-        firsts = [
-            next(r for r in g if r.micro_group == mg) for g in groups if any(r.micro_group == mg for r in g)
-        ]
-        out[f"guided_fraction/mg{mg + 1}"] = sum(r.guided for r in firsts) / max(len(firsts), 1)
-    return out
-
-
 def _generate(engine: RolloutEngine, wave: _Wave, stats: WaveStats) -> None:
     stats.num_expert_only += wave.num_expert
     if not wave.requests:
