@@ -48,9 +48,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
-        with self.timed("sync"):
-            ctx.sync_weights()
-        first = self.evaluate() if self.step == 0 else None
+        ctx.sync_weights()  # the engine starts from the checkpoint the policy was (re)loaded from
+        first = ctx.evaluate() if self.step == 0 else None
         if first is not None:
             self.log.log(0, {"heldout_accuracy": first})
         for step in range(self.step + 1, cfg.run.max_steps + 1):
@@ -65,7 +64,7 @@ class Trainer:
             metrics = self.step_metrics(groups, waves, sums)
             if self.eval_due(step):
                 with self.timed("eval"):
-                    metrics["heldout_accuracy"] = self.evaluate()
+                    metrics["heldout_accuracy"] = ctx.evaluate()
             metrics.update({f"time_{k}": v for k, v in self.times.items()})
             if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
                 self.log.log(step, metrics)
@@ -121,8 +120,5 @@ class Trainer:
 
     def eval_due(self, step: int) -> bool:
         every = self.cfg.evaluation.every
-        return self.cfg.evaluation.path is not None and (step == self.cfg.run.max_steps or (every and step % every == 0))
-
-    def evaluate(self) -> float | None:
-        """Greedy, unguided accuracy on the held-out split (graded like training rewards)."""
-        return self.ctx.evaluate()
+        due = step == self.cfg.run.max_steps or (every > 0 and step % every == 0)
+        return self.cfg.evaluation.path is not None and due
