@@ -52,3 +52,15 @@ def test_ablation_switches() -> None:
     assert load_config([str(PAPER), str(EXAMPLES / "ablations/mg_luffy.yaml")], []).loss.prefix_objective == "luffy"
     official = load_config([str(PAPER), str(EXAMPLES / "trapo_official.yaml")], [])
     assert official.micro_groups.mode == "official" and official.micro_groups.ratios == (0.0, 0.25, 0.5, 1.0)
+
+
+def test_train_without_enough_ranks_says_how_to_launch(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", "--config", str(EXAMPLES / "tiny_cpu.yaml")]) == 2
+    assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
+
+
+def test_train_config_error_is_one_line(capsys) -> None:
+    assert main(["train", "--config", str(EXAMPLES / "tiny_cpu.yaml"), "run.max_step=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'run.max_step'" in err and "Traceback" not in err

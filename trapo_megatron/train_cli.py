@@ -33,9 +33,15 @@ def load_config(paths: str | list[str], overrides: list[str]):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(args.config, args.overrides)
-        check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        if world == 1 and cfg.parallel.model_parallel_size > 1:
+            n = cfg.parallel.model_parallel_size
+            print(f"trapo train: this TP x PP layout needs {n} ranks; run it under torchrun, e.g. "
+                  f"torchrun --nproc-per-node {n} -m trapo_megatron.cli train --config ...", file=sys.stderr)
+            return 2
+        check_config(cfg, world)
     except (ConfigError, ValueError) as e:
         print(f"trapo train: config error: {e}", file=sys.stderr)
         return 2
