@@ -94,3 +94,20 @@ def test_config_errors_name_the_key(tmp_path: Path, override: str, needle: str) 
         cfg = load_config(str(CONFIG), _overrides(tmp_path, override))
         check_config(cfg, 3)
     assert needle in str(e.value)
+
+
+def test_data_parallel_run_matches_one_rank(tmp_path: Path) -> None:
+    """DP=2 samples the same rollouts (request seeds follow the global batch position), normalises by global
+    counts and sums gradients over DP: its metrics equal a one-rank run's (grad norm to float rounding)."""
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"dp{world}"
+        run_distributed(train_worker, world, _overrides(
+            out, "run.max_steps=2", "parallel.tensor_model_parallel_size=1", "checkpoint.export_hf=false",
+            "evaluation.path=null", "checkpoint.save_every=0"), False, timeout=600)
+        runs[world] = _metrics(out)
+    assert [r["step"] for r in runs[2]] == [1, 2]
+    for one, two in zip(runs[1], runs[2], strict=True):
+        assert one.keys() == two.keys()
+        for key in one:
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from trapo_megatron.algo.micro_groups import MicroGroupConfig, MicroGroupDecision, decide
 from trapo_megatron.data.dataset import Example
@@ -183,11 +184,15 @@ def run_waves(
     tokenizer,
     cfg: RolloutConfig,
     step: int = 0,
+    positions: Sequence[int] | None = None,
 ) -> tuple[list[list[Rollout]], WaveStats]:
     """Roll out a batch in micro-group waves; return per example its G samples (in sample order) and stats.
 
     The engine must be awake with the current policy (the trainer syncs weights once before this call).
+    ``positions``: each example's place in the step's whole batch (default: its index here). Request seeds
+    depend on it, so a data-parallel shard samples exactly what the whole batch would on one rank.
     """
+    positions = range(len(examples)) if positions is None else positions
     eos = tokenizer.eos_token_id
     stop_ids = tuple(dict.fromkeys((eos, *cfg.stop_token_ids)))
     para = _paragraph_ids(tokenizer) if schedule.snap_window else frozenset()
@@ -209,7 +214,7 @@ def run_waves(
             # cut to the budget, as the official code does (data.max_solution_tokens keeps traces whole)
             prefix = prefix[: cfg.max_response_tokens]
             start = len(wave.samples)
-            _plan_samples(ex, d, offset, prefix, cfg, (step, p), stop_ids, wave)
+            _plan_samples(ex, d, offset, prefix, cfg, (step, positions[p]), stop_ids, wave)
             groups[p].extend(wave.samples[start:])  # rewards arrive after the wave is graded
         stats.guided_prompts.append(num_guided)
         _generate(engine, wave, stats)

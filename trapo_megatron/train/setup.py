@@ -63,8 +63,9 @@ class RunContext:
         result = None
         if self.engine is not None:
             self.engine.wake_up()
+            positions = range(self.policy.dp_rank, self.cfg.run.prompts_per_step, self.policy.dp_size)
             result = run_waves(examples, schedule=self.cfg.micro_groups, engine=self.engine, scorer=self.scorer,
-                               tokenizer=self.tokenizer, cfg=self.cfg.rollout, step=step)
+                               tokenizer=self.tokenizer, cfg=self.cfg.rollout, step=step, positions=positions)
             self.engine.sleep()
         return self._from_generator(result)
 
