@@ -175,6 +175,11 @@ def _plan_samples(
         wave.requests.append((r, r.prompt_ids + r.prefix_ids, params))
 
 
+def stop_token_ids(tokenizer, cfg: RolloutConfig) -> tuple[int, ...]:
+    """The tokenizer's EOS and the configured extra stop tokens, each once, EOS first."""
+    return tuple(dict.fromkeys((tokenizer.eos_token_id, *cfg.stop_token_ids)))
+
+
 def run_waves(
     examples: Sequence[Example],
     *,
@@ -194,7 +199,7 @@ def run_waves(
     """
     positions = range(len(examples)) if positions is None else positions
     eos = tokenizer.eos_token_id
-    stop_ids = tuple(dict.fromkeys((eos, *cfg.stop_token_ids)))
+    stop_ids = stop_token_ids(tokenizer, cfg)
     para = _paragraph_ids(tokenizer) if schedule.snap_window else frozenset()
     groups: list[list[Rollout]] = [[] for _ in examples]
     stats = WaveStats()

@@ -9,7 +9,7 @@ the group, so every TP/PP rank trains on identical sequences.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from trapo_megatron.data.dataset import Example, load_examples
 from trapo_megatron.megatron import model_builder, platform
 from trapo_megatron.megatron.policy import MegatronPolicy
 from trapo_megatron.rollout.engine import SamplingParams
-from trapo_megatron.rollout.waves import Rollout, WaveStats, run_waves
+from trapo_megatron.rollout.waves import Rollout, WaveStats, run_waves, stop_token_ids
 from trapo_megatron.train.config import TrapoConfig
 
 
@@ -38,6 +38,8 @@ class RunContext:
     mp_group: Any
     mp_leader: int
     """Global rank of this model-parallel group's first rank."""
+    _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
+    """Cache of the current epoch's data permutation."""
 
     @property
     def is_rank0(self) -> bool:
@@ -51,10 +53,16 @@ class RunContext:
         out = []
         for pos in range((step - 1) * per_step, step * per_step):
             epoch, i = divmod(pos, n)
-            order = list(range(n))
-            random.Random(self.cfg.run.seed * 1_000_003 + epoch).shuffle(order)
-            out.append(self.train_examples[order[i]])
+            out.append(self.train_examples[self._epoch_order(epoch)[i]])
         return out[self.policy.dp_rank::self.policy.dp_size]
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The seeded permutation of ``epoch``, shuffled once (not once per prompt)."""
+        if epoch not in self._orders:
+            order = list(range(len(self.train_examples)))
+            random.Random(self.cfg.run.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}  # a step spans at most two epochs: keep only the newest
+        return self._orders[epoch]
 
     # ------------------------------------------------------------------------------------ rollouts
     def roll_out(self, examples: list[Example], step: int) -> tuple[list[list[Rollout]], WaveStats]:
@@ -93,7 +101,7 @@ class RunContext:
         accuracy = None
         if self.engine is not None:
             budget = self.cfg.evaluation.max_new_tokens or self.cfg.rollout.max_response_tokens
-            stop = tuple(dict.fromkeys((self.tokenizer.eos_token_id, *self.cfg.rollout.stop_token_ids)))
+            stop = stop_token_ids(self.tokenizer, self.cfg.rollout)
             params = [SamplingParams(temperature=0.0, max_tokens=budget, seed=i, stop_token_ids=stop)
                       for i in range(len(self.heldout_examples))]
             self.engine.wake_up()
