@@ -71,6 +71,19 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+_host_group: Any = None
+"""A gloo group over the whole world when the default backend is NCCL (None: the default group is gloo)."""
+
+
+def host_group() -> Any:
+    """The process group for small host-side reductions (flags, counters, metrics): gloo over the whole world.
+
+    Megatron's groups (TP/PP/DP/MP) are NCCL on GPU and carry only tensors on :func:`device`; CPU tensors
+    reduced across ranks go through this group instead.
+    """
+    return _host_group if _host_group is not None else dist.group.WORLD
+
+
 def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> None:
     """Start torch.distributed (from the torchrun/env:// variables) and Megatron's parallel state, then seed.
 
@@ -87,6 +100,9 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
         if cuda_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    global _host_group
+    if _host_group is None and dist.get_backend() != "gloo":
+        _host_group = dist.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
     parallel.data_parallel_size(dist.get_world_size())  # validates the layout, names the knobs
     if not cuda_available():
         _install_cpu_compat()
@@ -106,6 +122,8 @@ def destroy() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    global _host_group
+    _host_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _remove_cpu_compat()
