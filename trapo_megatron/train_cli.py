@@ -45,10 +45,16 @@ def run_train(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"trapo train: config error: {e}", file=sys.stderr)
         return 2
-    summary = train(cfg, resume=args.resume)
+    from trapo_megatron.train.stopping import EXIT_DIVERGED, EXIT_STOPPED, DivergedError
+
+    try:
+        summary = train(cfg, resume=args.resume)
+    except DivergedError as e:
+        print(f"trapo train: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
-    return 0
+    return EXIT_STOPPED if summary["stopped"] else 0
 
 
 def check_config(cfg, world_size: int) -> None:
@@ -74,4 +80,4 @@ def train(cfg, resume: bool = False) -> dict:
     try:
         return trainer.fit()
     finally:
-        trainer.ctx.close()
+        trainer.close()

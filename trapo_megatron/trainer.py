@@ -22,19 +22,24 @@ from trapo_megatron.algo.loss import finalize_metrics
 from trapo_megatron.plot import plot_run
 from trapo_megatron.rollout.waves import Rollout
 from trapo_megatron.train import batch as batching
+from trapo_megatron.train import faults
 from trapo_megatron.train.checkpointing import Checkpointer
 from trapo_megatron.train.config import TrapoConfig
 from trapo_megatron.train.metrics import MetricsLogger
 from trapo_megatron.train.setup import RunContext, build_context
+from trapo_megatron.train.stopping import SkipGuard, StopSignals
 
 
 class Trainer:
     def __init__(self, cfg: TrapoConfig, resume: bool = False) -> None:
         self.cfg = cfg
+        self.stop = StopSignals(cfg.run.stop_signals)  # first: a signal during start-up stops after step one
         self.ctx: RunContext = build_context(cfg)
         self.out = Path(cfg.run.output_dir)
         self.ckpt = Checkpointer(self.out / "checkpoints", self.ctx)
-        self.step = self.ckpt.resume() if (resume or cfg.checkpoint.resume) else 0
+        state = self.ckpt.resume() if (resume or cfg.checkpoint.resume) else None
+        self.step = state["step"] if state else 0
+        self.guard = SkipGuard(cfg.run.max_consecutive_skips, state)
         self.log = MetricsLogger(self.out, enabled=self.ctx.is_rank0, total_steps=cfg.run.max_steps,
                                  start_step=self.step, progress=cfg.run.progress)
         self.times: dict[str, float] = {}
@@ -52,8 +57,11 @@ class Trainer:
         first = ctx.evaluate() if self.step == 0 else None
         if first is not None:
             self.log.log(0, {"heldout_accuracy": first})
+        stopped = False
         for step in range(self.step + 1, cfg.run.max_steps + 1):
             self.times = {}
+            faults.step_begins(step)
+            faults.fire("step_start")
             examples = ctx.prompts_for_step(step)
             with self.timed("rollout"):
                 groups, waves = ctx.roll_out(examples, step)
@@ -62,21 +70,38 @@ class Trainer:
             with self.timed("sync"):
                 ctx.sync_weights()
             metrics = self.step_metrics(groups, waves, sums)
+            self.guard.update(step, bool(sums["update_skipped"]), ctx.policy.nonfinite)
+            metrics["num_skipped_total"] = self.guard.num_skipped_total
             if self.eval_due(step):
                 with self.timed("eval"):
                     metrics["heldout_accuracy"] = ctx.evaluate()
             metrics.update({f"time_{k}": v for k, v in self.times.items()})
             if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
                 self.log.log(step, metrics)
-            if self.ckpt.due(step, cfg.checkpoint.save_every, cfg.run.max_steps):
-                self.ckpt.save(step)
+            self.guard.check(step)  # too many non-finite steps in a row: stop before saving this one
+            saved = self.ckpt.due(step, cfg.checkpoint.save_every, cfg.run.max_steps)
+            if saved:
+                self.ckpt.save(step, self.state(step))
             self.step = step
-        if cfg.checkpoint.export_hf:
+            if step < cfg.run.max_steps and self.stop.agreed():  # every rank, at the same step boundary
+                if not saved:
+                    self.ckpt.save(step, self.state(step))
+                stopped = True
+                break
+        if cfg.checkpoint.export_hf and not stopped:
             ctx.export_hf(self.out / "hf")
         self.log.close()
         if ctx.is_rank0:
             plot_run(self.out)
-        return {"out": str(self.out), "steps": self.step}
+        return {"out": str(self.out), "steps": self.step, "stopped": stopped}
+
+    def state(self, step: int) -> dict[str, Any]:
+        """What a checkpoint carries besides model, optimizer, scheduler and RNG states (JSON)."""
+        return {"step": step, **self.guard.state_dict()}
+
+    def close(self) -> None:
+        self.stop.close()
+        self.ctx.close()
 
     def double_update(self, groups: list[list[Rollout]]) -> dict[str, float]:
         """Advantages over each prompt's group, then one optimizer step on TrSFT (prefix) + Dr.GRPO

@@ -21,6 +21,7 @@ from trapo_megatron.megatron import model_builder, platform
 from trapo_megatron.megatron.policy import MegatronPolicy
 from trapo_megatron.rollout.engine import SamplingParams
 from trapo_megatron.rollout.waves import Rollout, WaveStats, run_waves, stop_token_ids
+from trapo_megatron.train import faults
 from trapo_megatron.train.config import TrapoConfig
 
 
@@ -74,6 +75,7 @@ class RunContext:
             positions = range(self.policy.dp_rank, self.cfg.run.prompts_per_step, self.policy.dp_size)
             result = run_waves(examples, schedule=self.cfg.micro_groups, engine=self.engine, scorer=self.scorer,
                                tokenizer=self.tokenizer, cfg=self.cfg.rollout, step=step, positions=positions)
+            faults.fire("rollout")
             self.engine.sleep()
         return self._from_generator(result)
 
