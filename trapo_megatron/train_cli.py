@@ -74,8 +74,10 @@ def check_config(cfg, world_size: int) -> None:
 
 def train(cfg, resume: bool = False) -> dict:
     """Run ``cfg`` on this rank to the end; returns a summary (run dir, steps)."""
+    from trapo_megatron.train.watchdog import watch_parent
     from trapo_megatron.trainer import Trainer
 
+    watch_parent()  # a rank whose launcher died exits instead of running on
     trainer = Trainer(cfg, resume=resume)
     try:
         return trainer.fit()

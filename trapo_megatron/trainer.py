@@ -79,7 +79,8 @@ class Trainer:
             if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
                 self.log.log(step, metrics)
             self.guard.check(step)  # too many non-finite steps in a row: stop before saving this one
-            saved = self.ckpt.due(step, cfg.checkpoint.save_every, cfg.run.max_steps)
+            # no periodic save inside a run of skipped steps: `latest` stays at the last applied update
+            saved = self.ckpt.due(step, cfg.checkpoint.save_every, cfg.run.max_steps) and not self.guard.num_consecutive
             if saved:
                 self.ckpt.save(step, self.state(step))
             self.step = step

@@ -141,20 +141,26 @@ class MegatronPolicy:
         with torch.no_grad():  # fp32 main params are views of the model's parameters
             self.optimizer.load_state_dict(loaded["optimizer"])
         for opt in chained:
-            _untie_adam_steps(getattr(opt, "optimizer", None))
+            _restore_adam_steps(getattr(opt, "optimizer", None))
         self.scheduler.load_state_dict(loaded["scheduler"])
 
 
-def _untie_adam_steps(inner: Any) -> None:
-    """Give every parameter's Adam state its own ``step`` tensor.
+def _restore_adam_steps(inner: Any) -> None:
+    """Set every parameter's Adam ``step`` to the saved one, each its own tensor.
 
-    megatron-core's DistributedOptimizer.load_state_dict (torch Adam, without Apex/TE) assigns ONE step tensor
-    to every parameter's state (megatron/core/optimizer/distrib_optimizer.py, "Native PyTorch state dict
-    requires step"); torch's Adam increments each state's step in place, so the first step after a resume
-    added one per parameter and the bias correction of every later step was wrong.
+    megatron-core's distributed optimizer with torch's Adam (no Apex/TE) saves the step in its param groups
+    and marks the per-parameter step tensors "LocalNonpersistentObject" (distrib_optimizer.py,
+    sharded_param_state_dp_reshardable), so a load copies the DUMMY step of the freshly initialised state
+    (1) over the restored one; load_state_dict also gives all parameters ONE shared tensor ("Native PyTorch
+    state dict requires step"), which torch's Adam then increments once per parameter. Either way every
+    resumed run restarted Adam's bias correction, and the steps after a resume differed.
     """
     if inner is None:
         return
-    for state in inner.state.values():
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()
+    for group in inner.param_groups:
+        if "step" not in group:
+            continue
+        for param in group["params"]:
+            state = inner.state.get(param, {})
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = torch.full_like(state["step"], float(group["step"]))
