@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trapo_megatron.data.dataset import Example, load_examples
+from trapo_megatron.data.dataset import Example, load_for_run
 from trapo_megatron.megatron import model_builder, platform
 from trapo_megatron.megatron.policy import MegatronPolicy
 from trapo_megatron.rollout.engine import SamplingParams
@@ -104,9 +104,8 @@ class RunContext:
             stop = stop_token_ids(self.tokenizer, self.cfg.rollout)
             params = [SamplingParams(temperature=0.0, max_tokens=budget, seed=i, stop_token_ids=stop)
                       for i in range(len(self.heldout_examples))]
-            self.engine.wake_up()
+            self.engine.wake_up()  # evaluation follows a refit; the next rollout needs these weights too
             outs = self.engine.generate([ex.prompt_ids for ex in self.heldout_examples], params)
-            self.engine.sleep()
             texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
             scores = self.scorer.score(texts, [ex.answer for ex in self.heldout_examples])
             accuracy = sum(scores) / len(scores)
@@ -143,14 +142,15 @@ class RunContext:
         platform.destroy()
 
 
-def _load(cfg: TrapoConfig, data_path: str | None, tokenizer: Any, limit: int | None = None) -> list[Example]:
+def _load(cfg: TrapoConfig, data_path: str | None, tokenizer: Any, limit: int | None = None,
+          heldout: bool = False) -> list[Example]:
+    """Rows -> examples (held-out rows need no expert solution); rank 0 prints the load report and writes it
+    to <output_dir>/data_report[_heldout].json."""
     if data_path is None:
         return []
     data_cfg = replace(cfg.data, path=data_path, max_rows=limit if limit is not None else cfg.data.max_rows)
-    examples, stats = load_examples(data_cfg, cfg.prompt, tokenizer)
-    if not examples:
-        raise ValueError(f"{data_path}: no usable rows ({stats.num_rows} rows, skipped {dict(stats.skipped)})")
-    return examples
+    report = Path(cfg.run.output_dir) / f"data_report{'_heldout' if heldout else ''}.json"
+    return load_for_run(data_cfg, cfg.prompt, tokenizer, report if dist.get_rank() == 0 else None, not heldout)
 
 
 def _make_engine(cfg: TrapoConfig, leader: bool) -> Any | None:
@@ -187,7 +187,7 @@ def build_context(cfg: TrapoConfig) -> RunContext:
     check_layout(cfg, hf_config, dist.get_world_size())
     tokenizer = AutoTokenizer.from_pretrained(hf_path)
     train = _load(cfg, cfg.data.path, tokenizer)
-    heldout = _load(cfg, cfg.evaluation.path, tokenizer, cfg.evaluation.max_problems)
+    heldout = _load(cfg, cfg.evaluation.path, tokenizer, cfg.evaluation.max_problems, heldout=True)
     policy = MegatronPolicy(hf_config, hf_path, cfg.model, cfg.parallel, cfg.optimizer, cfg.run.max_steps)
     mp_group = ps.get_model_parallel_group()
     mp_leader = dist.get_global_rank(mp_group, 0)
