@@ -148,3 +148,27 @@ def test_local_launch_tiny_demo_config(tmp_path) -> None:
     assert cli.main(["--recipe", "tiny-cpu", "--", *overrides]) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]
+
+
+def test_any_config_launches_with_its_own_layout(capsys, tmp_path) -> None:
+    """`--config my.yaml` without a recipe: the config's own TP x PP, TP x PP local processes; on Slurm in a
+    container, a config under a mount source is read through the mount."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((REPO / "examples" / "tiny_cpu.yaml").read_text() + "\n")
+    out = _sbatch(capsys, "--config", str(mine), "--dryrun", "--", "run.max_steps=3")
+    assert f"train --config {mine} checkpoint.resume=true run.max_steps=3" in out
+    assert "tensor_model_parallel_size" not in out  # no recipe layout: the file's TP=2 stands
+    script = _sbatch(capsys, "--config", str(mine), "--executor", "slurm", "--container-image", IMAGE,
+                     "--mount", f"{tmp_path}:/cfg", "--mount", "/lustre/runs:/runs", "--nodes", "2",
+                     "--dryrun", "--", "run.output_dir=/runs/mine")
+    assert "--config /cfg/mine.yaml" in script and "#SBATCH --nodes=2" in script
+    assert "--nnodes 2 --nproc-per-node 8" in script
+
+
+def test_memory_warning_without_strict(capsys) -> None:
+    argv = ["--recipe", "qwen2.5-72b", *SLURM, "--nodes", "1", "--", "parallel.pipeline_model_parallel_size=1",
+            *GPU_PATHS]
+    assert cli.main(argv) == 0  # without --strict the script is still printed ...
+    captured = capsys.readouterr()
+    assert "#SBATCH --nodes=1" in captured.out
+    assert "warning: qwen2.5-72b at TP8 x PP1 x DP1 does not fit" in captured.err  # ... with the warning
