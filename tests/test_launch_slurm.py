@@ -30,6 +30,11 @@ RUN = ["run.prompts_per_step=4", "run.progress=false", "evaluation.path=null", "
 independent of run.max_steps, so a shorter run is checked against the reference's first steps."""
 NOT_COMPARED = re.compile(r"^time_|^tokens_per_s$")
 """Wall-clock metrics differ between any two runs."""
+GRACEFUL_STOP = importlib.util.find_spec("trapo_megatron.train.stopping") is not None
+"""Issue 12's trainer side (graceful stop, exact resume) is merged."""
+NO_EXACT_RESUME = ("resumed metrics not compared: the trainer's exact resume (issue 12: train/stopping.py, "
+                   "optimizer/trainer state in the checkpoint) is not merged; without it the steps after a resume "
+                   "drift from the uninterrupted run")
 
 
 def _launch(tmp: Path, *flags: str, overrides: list[str]) -> subprocess.Popen:
@@ -116,11 +121,16 @@ def test_scontrol_requeue_restarts_and_resumes_exactly(slurm_cluster, reference,
     rc, out = _finish(proc, tmp_path)
     assert rc == 0, out[-5000:]
     assert re.search(rf"job {job} ended COMPLETED, exit code 0:0, 1 restart", out), out[-3000:]
-    assert _metrics(run_dir) == {k: reference[k] for k in range(1, steps + 1)}
+    resumed = _metrics(run_dir)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    assert resumed[1] == reference[1]  # logged before the requeue, kept by the resumed run
+    if not GRACEFUL_STOP:
+        pytest.skip(NO_EXACT_RESUME)
+    assert resumed == {k: reference[k] for k in range(1, steps + 1)}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trapo_megatron.train.stopping") is None,
-                    reason="the trainer's graceful stop (train/stopping.py, issue 12) is not merged yet")
+@pytest.mark.skipif(not GRACEFUL_STOP, reason="the trainer's graceful stop (train/stopping.py, issue 12) "
+                                               "is not merged yet: nothing would catch the signal")
 def test_time_limit_signal_checkpoints_and_the_chain_finishes(slurm_cluster, reference, tmp_path) -> None:
     """A 1-minute job with the warning signal stops after a step with a checkpoint (exit 75: every rank
     stopped on the signal; the limit's SIGTERM does the same when the warning came too early); the next job
