@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.launch, pytest.mark.slurm, pytest.mark.slow, pytest.ma
 
 NUM_STEPS = 40
 """Steps of the reference run: long enough that a 1-minute job cannot finish it."""
-RUN = ["run.prompts_per_step=4", "run.progress=false", "evaluation.path=null", "reward.num_workers=1",
+RUN = ["run.prompts_per_step=8", "run.progress=false", "evaluation.path=null", "reward.num_workers=1",
        "checkpoint.export_hf=false", "optimizer.lr_schedule=constant"]
 """The tiny config, small and fast; a constant LR and no held-out evaluation make step k's metrics
 independent of run.max_steps, so a shorter run is checked against the reference's first steps."""
@@ -148,3 +148,28 @@ def test_time_limit_signal_checkpoints_and_the_chain_finishes(slurm_cluster, ref
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert len(saved) == 2 and saved[0] < f"step_{NUM_STEPS:06d}", saved  # the stop's, and the end's
     assert _metrics(run_dir) == reference
+
+
+def test_time_limit_signal_reaches_the_workers_through_the_agent(slurm_cluster, tmp_path, monkeypatch) -> None:
+    """The launcher's side of a time limit, with a stand-in trainer (tests/slurm_stop_worker.py): a 1-minute
+    job with --signal USR1@50 under the agent. Slurm's warning (or, when it came before the workers caught
+    it, the limit's SIGTERM) reaches both ranks, which exit 75; the agent survives it and exits 75 too."""
+    import io
+
+    from trapo_megatron.launch import executors
+    from trapo_megatron.launch.checks import parse_signal
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # invoke (NeMo-Run's shell) reads stdin
+    from trapo_megatron.launch.recipes import ClusterSettings, Task, get_recipe
+
+    task = Task(module="slurm_stop_worker", distributed=True, stops_on_signal=True)
+    cluster = ClusterSettings(time="1", signal="USR1@50", job_dir=str(tmp_path / "nemorun"),
+                              env={"PYTHONPATH": str(Path(__file__).parent)})
+    recipe, stop = get_recipe("tiny-cpu"), parse_signal("USR1@50", 60)
+    script = executors.slurm_task(task, [], recipe, cluster, stop)
+    executor = executors.slurm_executor(task, recipe, cluster, stop)
+    assert executors.run_slurm(script, executor, "stop-signal") == 1  # a stopped job is not a completed one
+    (log,) = (tmp_path / "nemorun").rglob("log-*_0.out")
+    text = log.read_text()
+    assert re.search(r"rank 0 got \['SIG(USR1|TERM)'\]", text) and re.search(r"rank 1 got \['SIG(USR1|TERM)'\]", text)
+    assert "every worker stopped on a signal" in text, text[-3000:]
