@@ -13,7 +13,13 @@ from typing import Sequence
 
 import torch
 
-from trapo_megatron.rollout.engine import Generation, SamplingParams, WeightStream, check_generate_args
+from trapo_megatron.rollout.engine import (
+    Generation,
+    SamplingParams,
+    WeightStream,
+    check_generate_args,
+    check_wake_up,
+)
 
 _TIED_HEAD = "lm_head.weight"
 
@@ -180,7 +186,7 @@ class CpuEngine:
         self._sleeping = True
 
     def wake_up(self) -> None:
-        self._sleeping = False
+        check_wake_up(self._sleeping)
 
     @property
     def is_sleeping(self) -> bool:

@@ -104,9 +104,8 @@ class RunContext:
             stop = stop_token_ids(self.tokenizer, self.cfg.rollout)
             params = [SamplingParams(temperature=0.0, max_tokens=budget, seed=i, stop_token_ids=stop)
                       for i in range(len(self.heldout_examples))]
-            self.engine.wake_up()
+            self.engine.wake_up()  # evaluation follows a refit; the next rollout needs these weights too
             outs = self.engine.generate([ex.prompt_ids for ex in self.heldout_examples], params)
-            self.engine.sleep()
             texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
             scores = self.scorer.score(texts, [ex.answer for ex in self.heldout_examples])
             accuracy = sum(scores) / len(scores)
