@@ -19,11 +19,13 @@ import torch
 
 from trapo_megatron.algo.advantages import reward_stats
 from trapo_megatron.algo.loss import finalize_metrics
+from trapo_megatron.config import to_dict
 from trapo_megatron.plot import plot_run
 from trapo_megatron.rollout.waves import Rollout
 from trapo_megatron.train import batch as batching
 from trapo_megatron.train.checkpointing import Checkpointer
 from trapo_megatron.train.config import TrapoConfig
+from trapo_megatron.train.loggers import build_sinks
 from trapo_megatron.train.metrics import MetricsLogger
 from trapo_megatron.train.setup import RunContext, build_context
 
@@ -36,7 +38,8 @@ class Trainer:
         self.ckpt = Checkpointer(self.out / "checkpoints", self.ctx)
         self.step = self.ckpt.resume() if (resume or cfg.checkpoint.resume) else 0
         self.log = MetricsLogger(self.out, enabled=self.ctx.is_rank0, total_steps=cfg.run.max_steps,
-                                 start_step=self.step, progress=cfg.run.progress)
+                                 start_step=self.step, progress=cfg.run.progress,
+                                 sinks=lambda: build_sinks(cfg.logging, self.out, to_dict(cfg)))
         self.times: dict[str, float] = {}
 
     @contextmanager
