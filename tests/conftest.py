@@ -16,7 +16,8 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="trapo-hf-home-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # tests/vllm_real needs the real vllm, which lives in its own venv (tools/vllm_venv.sh): `make test` runs it
-# there after this suite (and fails loudly when it cannot); here, without vllm, the folder is not collected.collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_real"]
+# there after this suite (and fails loudly when it cannot); here, without vllm, the folder is not collected.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_real"]
 
 
 @pytest.fixture(scope="session")
