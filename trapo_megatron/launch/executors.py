@@ -3,7 +3,10 @@ experiment so that a failed task becomes a non-zero exit code.
 
 NeMo-Run facts this module is built on (0.11.1):
 - ``run.Script`` needs ``entrypoint="python"``; with ``m=True`` the path is a module.
-- A Torchrun launcher on a SlurmExecutor sets ntasks_per_node=1 and torchrun_nproc_per_node=<GPUs>.
+- A SlurmExecutor joins a Script's arguments unquoted into the sbatch script ($variables expand in the job);
+  without a container it runs ``srun --chdir <job dir>/code`` and rewrites every "/nemo_run" of the script.
+- Its sbatch script requeues itself after a non-zero exit while SLURM_RESTART_COUNT < TORCHX_MAX_RETRIES
+  (``retries``) and always submits with --requeue.
 - A failed task does not raise and ``Experiment.run`` returns normally: the status must be read after the
   experiment's context exits (it waits for the tasks there).
 - The local scheduler resolves ``torchrun`` and ``python`` on the PATH it is given: this interpreter's
