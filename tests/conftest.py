@@ -9,3 +9,5 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="trapo-hf-home-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Strict collectives (trapo_megatron/megatron/platform.py): a host tensor reaching a Megatron group raises.
+os.environ["TRAPO_STRICT_COLLECTIVES"] = "1"
