@@ -87,10 +87,29 @@ def _metrics(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("base") / "run"
-    run_distributed(topology_worker, 1, [_overrides(out, 1, 1, 1)], timeout=900)
-    return out
+def runs_on_one_rank(tmp_path_factory) -> dict[str, Path]:
+    """The TP1 x PP1 oracle, and the same run with the training state offloaded during every rollout."""
+    root = tmp_path_factory.mktemp("one_rank")
+    outs = {"off": root / "off", "on": root / "on"}
+    run_distributed(topology_worker, 1, [_overrides(outs["off"], 1, 1, 1),
+                                         _overrides(outs["on"], 1, 1, 1, "engine.offload_during_rollout=grads+optimizer")],
+                    timeout=900)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def baseline(runs_on_one_rank: dict[str, Path]) -> Path:
+    return runs_on_one_rank["off"]
+
+
+def test_offload_during_rollout_changes_nothing(runs_on_one_rank: dict[str, Path]) -> None:
+    """Grads and optimizer state leave memory before every weight sync and come back bit-identical."""
+    rows = {k: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            for k, out in runs_on_one_rank.items()}
+    assert all(r["offloaded_mb"] > 0 for r in rows["on"][1:]) and all(r["offloaded_mb"] == 0 for r in rows["off"][1:])
+    on, off = ([{k: v for k, v in r.items() if k != "offloaded_mb"} for r in _metrics(runs_on_one_rank[k])]
+               for k in ("on", "off"))
+    assert on == off
 
 
 def test_every_layout_trains_what_one_rank_trains(baseline: Path, tmp_path: Path) -> None:

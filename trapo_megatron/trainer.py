@@ -38,6 +38,7 @@ class Trainer:
         self.log = MetricsLogger(self.out, enabled=self.run.is_rank0, total_steps=cfg.run.max_steps,
                                  start_step=self.step, progress=cfg.run.progress)
         self.times: dict[str, float] = {}
+        self.offloaded_bytes = 0
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -68,6 +69,7 @@ class Trainer:
             if self.eval_due(step):
                 with self.timed("eval"):
                     metrics["heldout_accuracy"] = run.evaluate()
+            metrics["offloaded_mb"] = self.offloaded_bytes / 2**20  # training state in host memory during rollout
             metrics.update({f"time_{k}": v for k, v in self.times.items()})
             if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
                 self.log.log(step, metrics)
@@ -83,7 +85,7 @@ class Trainer:
     def sync_weights(self) -> None:
         """Training state out of device memory (as configured), then the weight stream wakes the engine."""
         with self.timed("offload"):
-            self.run.offload.offload()
+            self.offloaded_bytes = self.run.offload.offload()
         with self.timed("sync"):
             self.run.weights.sync()
 
