@@ -17,12 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from trapo_megatron.config import to_dict
 from trapo_megatron.plot import plot_run
 from trapo_megatron.rollout.waves import Rollout
 from trapo_megatron.train import batch as batching
 from trapo_megatron.train.checkpointing import Checkpointer
 from trapo_megatron.train.config import TrapoConfig
 from trapo_megatron.train.export import export_hf
+from trapo_megatron.train.loggers import build_sinks
 from trapo_megatron.train.metrics import MetricsLogger
 from trapo_megatron.train.setup import Run, build_run
 from trapo_megatron.train.step_metrics import step_metrics
@@ -36,7 +38,8 @@ class Trainer:
         self.ckpt = Checkpointer(self.out / "checkpoints", self.run)
         self.step = self.ckpt.resume() if (resume or cfg.checkpoint.resume) else 0
         self.log = MetricsLogger(self.out, enabled=self.run.is_rank0, total_steps=cfg.run.max_steps,
-                                 start_step=self.step, progress=cfg.run.progress)
+                                 start_step=self.step, progress=cfg.run.progress,
+                                 sinks=lambda: build_sinks(cfg.logging, self.out, to_dict(cfg)))
         self.times: dict[str, float] = {}
         self.offloaded_bytes = 0
 

@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-from trapo_megatron.rollout.engine import Generation, SamplingParams, WeightStream, check_generate_args
+from trapo_megatron.rollout.engine import (
+    Generation,
+    SamplingParams,
+    WeightStream,
+    check_generate_args,
+    check_wake_up,
+)
 
 _TIED_HEAD = "lm_head.weight"
 
@@ -181,7 +187,7 @@ class CpuEngine:
         self._sleeping = True
 
     def wake_up(self) -> None:
-        self._sleeping = False
+        check_wake_up(self._sleeping)
 
     @property
     def is_sleeping(self) -> bool:
@@ -232,9 +238,7 @@ class ReplicaCpuEngine:
             self.engine.sleep()
 
     def wake_up(self) -> None:
-        self._sleeping = False
-        if self.engine is not None:
-            self.engine.wake_up()
+        check_wake_up(self._sleeping)
 
     @property
     def is_sleeping(self) -> bool:

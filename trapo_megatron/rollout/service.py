@@ -80,12 +80,13 @@ class RolloutService:
         self.tokenizer, self.rollout, self.schedule = tokenizer, rollout, schedule
 
     def load_weights(self, stream: Any) -> None:
-        """Refit the engine (every rank: the stream is collective); it is awake afterwards."""
+        """Refit the engine (every rank: the stream is collective); it is awake afterwards (the only way back
+        from sleep: sleep discards the weights)."""
         self.engine.load_weights(stream)
 
     def roll_out(self, batch: Sequence[Example], step: int) -> StepRollouts:
-        """Micro-group waves over this replica's positions of ``batch``, then the hand-over; the engine sleeps
-        afterwards to leave memory to training."""
+        """Micro-group waves over this replica's positions of ``batch`` (the engine is awake from the last
+        refit), then the hand-over; the engine sleeps afterwards to leave memory to training."""
         positions = self.layout.positions(len(batch))
         self.engine.wake_up()
         groups, stats = run_waves([batch[p] for p in positions], schedule=self.schedule, engine=self.engine,
@@ -105,9 +106,8 @@ class RolloutService:
                   for p in positions]
         correct = 0.0
         if positions:
-            self.engine.wake_up()
+            self.engine.wake_up()  # evaluation follows a refit; the next rollout needs these weights too
             outs = self.engine.generate([examples[p].prompt_ids for p in positions], params)
-            self.engine.sleep()
             texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
             correct = sum(self.scorer.score(texts, [examples[p].answer for p in positions]))
         return sum(self._from_leaders(correct)) / len(examples)

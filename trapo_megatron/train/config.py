@@ -15,6 +15,7 @@ from trapo_megatron.megatron.platform import ParallelConfig
 from trapo_megatron.megatron.step import OptimizerConfig
 from trapo_megatron.reward.math_reward import RewardConfig
 from trapo_megatron.rollout.waves import RolloutConfig
+from trapo_megatron.train.loggers import LoggingConfig
 
 
 @dataclass(kw_only=True)
@@ -139,6 +140,8 @@ class TrapoConfig:
     """Saving and resuming."""
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation during the run."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Experiment loggers beside metrics.jsonl (TensorBoard, Weights & Biases)."""
 
     def __post_init__(self) -> None:
         if not self.model.hf_path:

@@ -15,11 +15,12 @@ ReplicaCpuEngine that receives the leader's outputs) and takes part in every cal
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from trapo_megatron.data.dataset import Example, load_examples
+from trapo_megatron.data.dataset import Example, load_for_run
 from trapo_megatron.megatron import model_builder, platform
 from trapo_megatron.megatron.offload import TrainingStateOffload
 from trapo_megatron.megatron.policy import MegatronPolicy
@@ -72,14 +73,15 @@ class Run:
             platform.destroy()
 
 
-def _load(cfg: TrapoConfig, data_path: str | None, tokenizer: Any, limit: int | None = None) -> list[Example]:
+def _load(cfg: TrapoConfig, data_path: str | None, tokenizer: Any, limit: int | None = None,
+          heldout: bool = False) -> list[Example]:
+    """Rows -> examples (held-out rows need no expert solution); rank 0 prints the load report and writes it
+    to <output_dir>/data_report[_heldout].json."""
     if data_path is None:
         return []
     data_cfg = replace(cfg.data, path=data_path, max_rows=limit if limit is not None else cfg.data.max_rows)
-    examples, stats = load_examples(data_cfg, cfg.prompt, tokenizer)
-    if not examples:
-        raise ValueError(f"{data_path}: no usable rows ({stats.num_rows} rows, skipped {dict(stats.skipped)})")
-    return examples
+    report = Path(cfg.run.output_dir) / f"data_report{'_heldout' if heldout else ''}.json"
+    return load_for_run(data_cfg, cfg.prompt, tokenizer, report if dist.get_rank() == 0 else None, not heldout)
 
 
 def engine_tensor_parallel_size(cfg: TrapoConfig) -> int:
@@ -123,7 +125,7 @@ def build_run(cfg: TrapoConfig) -> Run:
     check_layout(cfg, hf_config, dist.get_world_size())
     tokenizer = AutoTokenizer.from_pretrained(hf_path)
     train = _load(cfg, cfg.data.path, tokenizer)
-    heldout = _load(cfg, cfg.evaluation.path, tokenizer, cfg.evaluation.max_problems)
+    heldout = _load(cfg, cfg.evaluation.path, tokenizer, cfg.evaluation.max_problems, heldout=True)
     policy = MegatronPolicy(hf_config, hf_path, cfg.model, cfg.parallel, cfg.optimizer, cfg.run.max_steps)
     layout = ReplicaLayout(world_size=dist.get_world_size(), tensor_parallel_size=engine_tensor_parallel_size(cfg),
                            rank=dist.get_rank())
