@@ -7,7 +7,7 @@ through the engine's ``engine_stream`` filter, into vLLM's Qwen2 / Llama ``load_
 (paged attention swapped for SDPA, see _vllm_real) equal the Megatron policy's at TP=2 and transformers' at
 PP=2, to 1e-4 in fp32."""
 
-import _vllm_real  # noqa: F401 - VLLM_TARGET_DEVICE=cpu before vllm is imported
+import _vllm_real
 import torch
 import torch.distributed as dist
 from _convert_helpers import causal_mask, hf_model, input_ids, save_hf
@@ -67,12 +67,11 @@ def _megatron_tp_logits(model, ids):
 
 
 def _worker(rank, world_size, cases, ids):
+    from megatron.core import parallel_state as ps
     from transformers import AutoConfig
 
     from trapo_megatron.convert.stream import iter_hf_weights
     from trapo_megatron.rollout.vllm_engine import engine_stream, external_launcher_env, llm_kwargs
-
-    from megatron.core import parallel_state as ps
 
     external_launcher_env()
     out = []
@@ -111,7 +110,12 @@ def test_stream_loads_through_vllm_models(tmp_path):
             ref = model(ids).logits
         state = {k: v.clone() for k, v in model.state_dict().items()}
         cases.append(((family, tied, layout), str(d), state, ref))
-    results = run_distributed(_worker, 2, cases, ids, timeout=600)
+    # Workers forked from this process inherit vllm and megatron already imported (~20 s each otherwise).
+    import megatron.core.models.gpt  # noqa: F401
+    import vllm.model_executor.models.llama
+    import vllm.model_executor.models.qwen2  # noqa: F401
+
+    results = run_distributed(_worker, 2, cases, ids, timeout=600, start_method="fork")
     for rank_out in results:
         for r in rank_out:
             assert r["bad"] == [], r
