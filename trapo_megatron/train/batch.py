@@ -74,7 +74,7 @@ def weigh(seqs: list[Sequence], cfg: LossConfig, max_response_len: int,
 
 def micro_batches(seqs: list[Sequence], max_tokens: int) -> list[dict]:
     """Pack sequences into micro-batches of at most ``max_tokens`` tokens: ``tokens``, ``position_ids``,
-    ``attention_mask`` and the per-token loss inputs, concatenated."""
+    ``cu_seqlens`` and the per-token loss inputs, concatenated."""
     out = []
     for idx in plan_micro_batches([len(s.tokens) for s in seqs], max_tokens):
         group = [seqs[i] for i in idx]
