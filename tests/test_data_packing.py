@@ -1,6 +1,8 @@
 """Packing: micro-batches carry boundaries only (no S x S mask kept per micro-batch); the local path's mask
 is built from them and equals the brute-force block-diagonal causal mask; the THD path builds none."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,6 +52,7 @@ def _step_worker(rank, world_size, thd):
         def __init__(self):
             super().__init__()
             self.inner, self.config, self.model_type = real, real.config, real.model_type
+            self.trapo_features = real.trapo_features
 
         def forward(self, tokens, position_ids, mask, labels=None, packed_seq_params=None):
             seen.append((mask is None, packed_seq_params is not None))
@@ -61,7 +64,7 @@ def _step_worker(rank, world_size, thd):
             self.inner.set_input_tensor(t)
 
     packing.block_causal_mask = counting_mask
-    model_builder.transformer_engine_available = lambda: thd
+    real.trapo_features = dataclasses.replace(real.trapo_features, transformer_engine=thd)
     mb = pack_row([torch.arange(5), torch.arange(3)])
     step.forward_backward([Recorder()], [mb], lambda logits, b: (logits.sum() * 0, {}), forward_only=True)
     platform.destroy()

@@ -124,7 +124,7 @@ def forward_backward(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    thd = model_builder.transformer_engine_available()
+    thd = model_builder.features_of(chunks[0]).transformer_engine
 
     dev = platform.device()
 
