@@ -2,14 +2,29 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# The real vllm 0.33.0 (and megatron-core) from the GPU lock, apart from .venv (tools/vllm_venv.sh).
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: venv test demo lock lint clean
+.PHONY: venv vllm-venv test test-vllm demo lock lock-gpu lint clean
 
 venv:
 	@bash tools/bootstrap.sh $(VENV)
 
+vllm-venv: venv
+	@bash tools/vllm_venv.sh $(VLLM_VENV)
+
+# The CPU suite, then the real-vLLM tests in their own venv. They never skip silently: a venv that cannot be
+# built fails the run; TRAPO_SKIP_VLLM_TESTS="<reason>" leaves them out and prints the reason.
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-vllm
+
+test-vllm:
+	@if [ -n "$${TRAPO_SKIP_VLLM_TESTS:-}" ]; then \
+	  echo "*** real-vLLM tests (tests/vllm_real) NOT RUN: TRAPO_SKIP_VLLM_TESTS=$${TRAPO_SKIP_VLLM_TESTS}"; \
+	else \
+	  bash tools/vllm_venv.sh $(VLLM_VENV) && VLLM_TARGET_DEVICE=cpu $(VLLM_VENV)/bin/python -m pytest tests/vllm_real; \
+	fi
 
 demo: venv
 	$(VENV)/bin/trapo demo
@@ -22,5 +37,11 @@ UV ?= $(shell command -v uv || echo $${XDG_CACHE_HOME:-$$HOME/.cache}/trapo-mega
 lock: venv
 	$(UV) pip compile pyproject.toml --python-version 3.12 --extra dev --extra launch -o requirements/lock.txt
 
+# The image's lock: vllm 0.33.0 and Transformer Engine with the package (no launch extra: nemo-run's leptonai
+# pins prometheus-fastapi-instrumentator 7, vllm needs >= 8; the launcher runs outside the image).
+lock-gpu: venv
+	$(UV) pip compile pyproject.toml --python-version 3.12 --python-platform x86_64-manylinux_2_28 --extra gpu \
+	  --extra dev -o requirements/gpu-lock.txt
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -112,6 +112,10 @@ def test_from_pretrained_and_lifecycle(engine, tmp_path):
     assert loaded.is_sleeping
     with pytest.raises(RuntimeError, match="sleeping"):
         loaded.generate([PROMPTS[0]], p)
-    loaded.wake_up()
+    with pytest.raises(RuntimeError, match="refit with load_weights"):  # sleep discarded the weights (vLLM level 2)
+        loaded.wake_up()
+    loaded.load_weights(engine.model.state_dict().items())
+    assert not loaded.is_sleeping
+    loaded.wake_up()  # awake: nothing to do
     loaded.close()
     loaded.close()

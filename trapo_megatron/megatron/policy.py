@@ -31,7 +31,8 @@ class MegatronPolicy:
         from trapo_megatron.convert.model_io import load_hf_into_model
 
         self.hf_config = hf_config
-        chunks = model_builder.build_model(hf_config, parallel, model_cfg.dtype, model_cfg.recompute_activations)
+        chunks = model_builder.build_model(hf_config, parallel, model_cfg.dtype, model_cfg.recompute_activations,
+                                           model_cfg.transformer_impl)
         load_hf_into_model(chunks, hf_path, hf_config=hf_config, tp_group=ps.get_tensor_model_parallel_group())
         self.chunks = step.wrap_ddp(chunks, optim_cfg.use_distributed_optimizer)
         self.optimizer, self.scheduler = step.build_optimizer(self.chunks, optim_cfg, total_steps)
@@ -82,12 +83,11 @@ class MegatronPolicy:
         src = dist.get_global_rank(self.pp_group, dist.get_world_size(self.pp_group) - 1)
         dist.broadcast_object_list(keys, src=src, group=self.pp_group)
         names = keys[0]
-        if reported:
+        # On the device: PP and DP are NCCL groups on a GPU (the loss metrics already live there).
+        if reported and self.is_last_stage:
             local = torch.stack([torch.stack([r[k].float().reshape(()) for r in reported]).sum() for k in names])
         else:
-            local = torch.zeros(len(names))
-        if not self.is_last_stage:
-            local.zero_()
+            local = torch.zeros(len(names), device=platform.device())
         dist.all_reduce(local, group=self.pp_group)
         dist.all_reduce(local, group=self.dp_group)
         return {k: float(v) for k, v in zip(names, local.tolist())}

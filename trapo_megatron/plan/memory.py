@@ -14,17 +14,26 @@ flight on a stage. The last stage also holds fp32 logits and their gradient (2 x
 The colocated vLLM engine holds bf16 weights at the rollout TP and a KV cache of
 ``2 x layers x kv_heads_per_rank x head_dim x 2 bytes`` per token. With sleep mode the engine frees its
 memory while training runs, so the peak is the larger of the two phases; without it they add up. While
-vLLM generates, grads and optimizer states sit in host memory (``offload_during_rollout``).
+vLLM runs (weight sync and generation) the training state stays on the GPU except what
+``offload_during_rollout`` moves to host memory, exactly as the trainer's ``engine.offload_during_rollout``
+does (megatron/offload.py): "none", "grads" (the DDP grad buffer) or "grads+optimizer" (also the optimizer
+states). The bf16 weights always stay: they are the source of the weight sync.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal, get_args
 
+from trapo_megatron.megatron import features
 from trapo_megatron.plan.model import ModelSpec, padded_vocab, stage_params, total_params
 
 GIB = 1024**3
+
+OffloadMode = Literal["none", "grads", "grads+optimizer"]
+"""What leaves the GPU while the engine runs (engine.offload_during_rollout; megatron/offload.py moves it)."""
+OFFLOAD_MODES = get_args(OffloadMode)
 
 # Usable memory per GPU in GiB (what nvidia-smi reports as total).
 GPUS: dict[str, float] = {
@@ -65,8 +74,9 @@ class PlanConfig:
     """Tokens per packed training sequence (prompt + response)."""
     num_microbatches: int | None = None
     """Micro-batches per step and pipeline; None: at least PP (the 1F1B steady state)."""
-    sequence_parallel: bool = True
-    """Split norm and dropout activations over TP (Megatron with Transformer Engine)."""
+    transformer_impl: str = "te"
+    """The training's model.transformer_impl on the GPUs planned for (auto there means te): with te,
+    sequence parallelism splits norm and dropout activations over TP (megatron/features.py decides)."""
     colocate_vllm: bool = True
     """A vLLM engine shares the GPUs with training."""
     rollout_tp: int | None = None
@@ -78,9 +88,9 @@ class PlanConfig:
     """Tokens per rollout sequence in the KV cache; None: seq_length."""
     sleep_mode: bool = True
     """vLLM releases weights and KV cache while training (enable_sleep_mode)."""
-    offload_during_rollout: bool = True
-    """Grads and optimizer states move to host memory while vLLM generates (what colocated Megatron RL
-    stacks do before a refit); the bf16 weights stay, they are the source of the weight sync."""
+    offload_during_rollout: OffloadMode = "none"
+    """What moves to host memory while vLLM runs: "none", "grads" or "grads+optimizer" (the trainer's
+    engine.offload_during_rollout); the weights stay, they are the source of the weight sync."""
     reserve_gib: float = 4.0
     """Held back per GPU for the CUDA context, NCCL buffers and allocator fragmentation."""
     vocab_divisor: int = 1
@@ -91,10 +101,15 @@ class PlanConfig:
     def __post_init__(self) -> None:
         if self.gpu not in GPUS:
             raise ValueError(f"PlanConfig.gpu {self.gpu!r} is unknown; choose one of {sorted(GPUS)}")
+        if self.transformer_impl not in ("te", "local"):
+            raise ValueError(f"PlanConfig.transformer_impl must be te or local, got {self.transformer_impl!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"PlanConfig.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}"
             )
+        if self.offload_during_rollout not in OFFLOAD_MODES:
+            raise ValueError(f"PlanConfig.offload_during_rollout must be one of {list(OFFLOAD_MODES)}, got "
+                             f"{self.offload_during_rollout!r}")
         for f in ("num_gpus", "gpus_per_node", "micro_batch_size", "seq_length", "rollout_seqs"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"PlanConfig.{f} must be positive, got {getattr(self, f)}")
@@ -141,7 +156,7 @@ class Memory:
     """KV cache for rollout_seqs x rollout_len tokens."""
     kv_bytes_per_token: int
     sleep_mode: bool
-    offload_during_rollout: bool
+    offload_during_rollout: OffloadMode
 
     @property
     def static(self) -> int:
@@ -152,7 +167,9 @@ class Memory:
 
     @property
     def rollout(self) -> int:
-        resident = self.weights if self.offload_during_rollout else self.static
+        resident = self.weights
+        resident += 0 if self.offload_during_rollout in ("grads", "grads+optimizer") else self.grads
+        resident += 0 if self.offload_during_rollout == "grads+optimizer" else self.optimizer
         return resident + self.vllm_weights + self.kv_cache
 
     def peak(self, recompute: bool) -> int:
@@ -182,7 +199,8 @@ def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -
 
     tokens = cfg.micro_batch_size * cfg.seq_length
     in_flight = min(pp - stage, cfg.num_microbatches or pp)
-    per_tok, input_tok = _activation_elems_per_token(spec, tp, cfg.sequence_parallel and tp > 1)
+    sp = features.decide(cfg.transformer_impl, tp, cuda=True, te_error=None, grad_accum_kernel=True).sequence_parallel
+    per_tok, input_tok = _activation_elems_per_token(spec, tp, sp)
     layers = spec.num_layers // pp
     act = bytes_["activation"]
     activations = int(in_flight * layers * tokens * per_tok * act)

@@ -8,14 +8,17 @@ Lifecycle, per training step (the trainer holds the GPU in between):
     engine = VllmEngine(hf_config_dir, ...)      # built once, awake, weights random ("dummy")
     engine.load_weights(stream)                   # step 0: push the policy (wakes what it needs)
     outs = engine.generate(prompts, params)       # one call per micro-group wave
-    engine.sleep()                                # free memory for the training step
+    engine.sleep()                                # free memory for the training step (weights discarded)
     ... train ...
     engine.load_weights(stream)                   # wake weights, copy, wake KV cache, reset prefix cache
     ...
     engine.close()
 
 - ``load_weights`` leaves the engine awake and ready to generate; stale prefix-cache entries are dropped.
-- ``sleep`` and ``wake_up`` are idempotent; ``generate`` on a sleeping engine raises.
+- ``sleep`` discards the weights (vLLM sleep level 2: the refit overwrites them anyway, so nothing is copied
+  to host and back); the only way back is ``load_weights``. ``wake_up`` on an awake engine does nothing and
+  on a sleeping one raises: a wake without a refit would generate from discarded memory.
+- ``sleep`` is idempotent; ``generate`` on a sleeping engine raises.
 - ``close`` is idempotent and releases everything.
 """
 
@@ -85,6 +88,13 @@ def check_generate_args(
         raise ValueError("generate: empty prompt")
 
 
+def check_wake_up(sleeping: bool) -> None:
+    """``wake_up`` is a check, not a way back: sleep discarded the weights (lifecycle in the module docstring)."""
+    if sleeping:
+        raise RuntimeError("wake_up() on a sleeping engine: sleep() discarded the weights; refit with "
+                           "load_weights(stream), which wakes the engine")
+
+
 WeightStream = Iterable[tuple[str, torch.Tensor]]
 """(Hugging Face name, full unsharded tensor), e.g. ("model.layers.0.self_attn.q_proj.weight", W)."""
 
@@ -102,10 +112,10 @@ class RolloutEngine(Protocol):
         """One Generation per prompt, in input order; ``params[i]`` applies to ``prompts[i]``."""
 
     def sleep(self) -> None:
-        """Free the engine's accelerator memory (weights offloaded, KV cache dropped) while training runs."""
+        """Free the engine's accelerator memory (weights and KV cache discarded) while training runs."""
 
     def wake_up(self) -> None:
-        """Come back with the weights held before sleep (no refit)."""
+        """Nothing when awake; RuntimeError when asleep (the weights are gone: refit with load_weights)."""
 
     @property
     def is_sleeping(self) -> bool:

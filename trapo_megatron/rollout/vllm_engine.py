@@ -1,12 +1,22 @@
 """Colocated vLLM 0.33 rollout engine (GPU), SPMD under torchrun. Implements ``RolloutEngine``.
 
-Every choice below is a fact read from the vLLM 0.33.0 source (see the project's VLLM notes):
-- ``distributed_executor_backend="external_launcher"`` when the world has more than one rank: one in-process
-  worker per rank, reusing the trainer's torch.distributed world; build the engine on ALL ranks together.
+Every choice below is a fact read from the vLLM 0.33.0 source (paths relative to the ``vllm`` package; the
+real-vLLM tests in tests/vllm_real check the ones that run on CPU):
+- ``distributed_executor_backend="external_launcher"`` at every world size, 1 included: one in-process worker
+  per rank reusing the trainer's torch.distributed world (build the engine on ALL ranks together). It is
+  also what makes ``llm.llm_engine.model_executor`` exist: external_launcher sets
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 (config/parallel.py), and only an in-process engine has a
+  ``model_executor`` (v1/engine/llm_engine.py); the default ("1") gives a multiprocess engine core.
 - ``load_format="dummy"``: random weights at start, the trainer pushes the real ones.
-- ``skip_tokenizer_init=True``: prompts are token ids, so EOS is not a stop unless passed in stop_token_ids.
-- ``enable_sleep_mode``: ``sleep(level=1)`` while training; refit = wake_up(["weights"]) -> model.load_weights
-  -> wake_up(["kv_cache"]) -> reset_prefix_cache (a weight update does not reset the prefix cache).
+- ``skip_tokenizer_init=True``: prompts are token ids, so the tokenizer's EOS is not a stop unless passed in
+  stop_token_ids; vLLM still adds generation_config.json's eos ids (SamplingParams.update_from_generation_config,
+  called from v1/engine/input_processor.py), which ``waves.stop_token_ids`` mirrors for the CPU twin.
+- ``enable_sleep_mode``: ``sleep(level=2)`` while training: weights and KV cache discarded, nothing copied
+  to host (level 1 would copy every weight to pinned host memory and back, only for the refit to overwrite
+  it; entrypoints/llm.py LLM.sleep documents level 2 "to update the model"). So a refit is the only way
+  back: wake_up(["weights"]) -> model.load_weights (every tensor) -> wake_up(["kv_cache"]) ->
+  reset_prefix_cache. The buffers (rotary caches) come back by themselves (v1/worker/gpu_worker.py
+  Worker.sleep/wake_up save and restore named_buffers at level 2).
 - ``dtype="bfloat16"`` ("auto" would turn an fp32 checkpoint into fp16); weights are cast before streaming.
 - ``logprobs_mode="processed_logprobs"``: log-probs of the distribution actually sampled from, like the CPU
   twin (equal to raw log-probs at T=1, top_p=1, top_k=0).
@@ -19,14 +29,20 @@ Every choice below is a fact read from the vLLM 0.33.0 source (see the project's
 
 from __future__ import annotations
 
-import gc
 import os
 import random
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
-from trapo_megatron.rollout.engine import Generation, SamplingParams, WeightStream, check_generate_args
+from trapo_megatron.rollout.engine import (
+    Generation,
+    SamplingParams,
+    WeightStream,
+    check_generate_args,
+    check_wake_up,
+)
 
 NOT_INSTALLED = "vLLM is not installed (pip install 'trapo-megatron[gpu]')"
 _TIED_HEAD = "lm_head.weight"
@@ -43,10 +59,81 @@ def import_vllm():
     return vllm
 
 
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What external_launcher reads (v1/executor/uniproc_executor.py ExecutorWithExternalLauncher._distributed_args)."""
+
+
+def external_launcher_env() -> None:
+    """torchrun sets the launcher variables; a plain one-process run gets the single-rank defaults (the
+    trainer's platform.initialize sets all but LOCAL_RANK). A larger world without them is an error."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        missing = [k for k in _LAUNCHER_ENV if k not in os.environ]
+        if missing:
+            raise RuntimeError(f"vLLM's external_launcher needs {missing} in the environment: launch with torchrun")
+        return
+    from trapo_megatron.testing import free_port
+
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+
+
+def llm_kwargs(
+    model_dir: str,
+    *,
+    tensor_parallel_size: int,
+    seed: int,
+    gpu_memory_utilization: float,
+    max_model_len: int | None,
+    enforce_eager: bool,
+    engine_kwargs: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The ``vllm.LLM`` keywords (module docstring for each), ``engine_kwargs`` applied last."""
+    kwargs: dict[str, Any] = {
+        "model": model_dir,
+        "tensor_parallel_size": tensor_parallel_size,
+        "distributed_executor_backend": "external_launcher",
+        "dtype": "bfloat16",
+        "seed": seed,
+        "load_format": "dummy",
+        "skip_tokenizer_init": True,
+        "enable_sleep_mode": True,
+        "enable_prefix_caching": True,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "enforce_eager": enforce_eager,
+        "logprobs_mode": "processed_logprobs",
+    }
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    kwargs.update(engine_kwargs or {})
+    return kwargs
+
+
+def vllm_sampling(vllm: Any, p: SamplingParams) -> Any:
+    """Our SamplingParams as vLLM's (one sample, the sampled token's log-prob, token ids only)."""
+    return vllm.SamplingParams(
+        n=1,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        max_tokens=p.max_tokens,
+        seed=p.seed,
+        logprobs=0,
+        stop_token_ids=list(p.stop_token_ids),
+        detokenize=False,
+    )
+
+
+def engine_stream(weights: WeightStream, *, tied: bool, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weight stream as vLLM's load_weights takes it: cast to the engine dtype (a mismatch is copied
+    with a warning per weight), and without ``lm_head.weight`` when tied (the head IS the embedding;
+    sending it alone is a ValueError, model_executor/models/utils.py AutoWeightsLoader)."""
+    for name, tensor in weights:
+        if tied and name == _TIED_HEAD:
+            continue
+        yield name, tensor.to(dtype)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -69,11 +156,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class VllmEngine:
-    """vLLM ``LLM`` in this process, asleep while the trainer trains.
+    """vLLM ``LLM`` in this process, asleep (weights discarded) while the trainer trains.
 
     model_dir: a Hugging Face model folder (config.json is what matters; weights come through load_weights).
     engine_kwargs: extra ``vllm.LLM`` arguments (max_num_seqs, kv_cache_memory_bytes, ...), applied last.
     """
+
+    dtype = torch.bfloat16
 
     def __init__(
         self,
@@ -87,24 +176,10 @@ class VllmEngine:
         engine_kwargs: dict[str, Any] | None = None,
     ):
         vllm = import_vllm()
-        kwargs: dict[str, Any] = dict(
-            model=model_dir,
-            tensor_parallel_size=tensor_parallel_size,
-            dtype="bfloat16",
-            seed=seed,
-            load_format="dummy",
-            skip_tokenizer_init=True,
-            enable_sleep_mode=True,
-            enable_prefix_caching=True,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
-            logprobs_mode="processed_logprobs",
-        )
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        if _world_size() > 1:
-            kwargs["distributed_executor_backend"] = "external_launcher"
-        kwargs.update(engine_kwargs or {})
+        kwargs = llm_kwargs(model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                            enforce_eager=enforce_eager, engine_kwargs=engine_kwargs)
+        external_launcher_env()
         saved = _rng_state()
         try:
             self.llm = vllm.LLM(**kwargs)
@@ -117,21 +192,16 @@ class VllmEngine:
 
     # ------------------------------------------------------------------------------------ weights
     def _model(self):
+        """The in-process model (v1/executor/uniproc_executor.py driver_worker; get_model unwraps CUDA graphs)."""
         return self.llm.llm_engine.model_executor.driver_worker.worker.get_model()
 
-    def _bf16_stream(self, weights: WeightStream) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            if self.tied and name == _TIED_HEAD:
-                continue  # tied: the head is the embedding (sending it alone is a ValueError in vLLM)
-            yield name, tensor.to(torch.bfloat16)
-
     def load_weights(self, weights: WeightStream) -> None:
-        """Refit: wake the weights, copy full HF-named tensors through the model's load_weights, wake the KV
-        cache, drop the prefix cache (it holds KV of the old weights)."""
+        """Refit: wake the (discarded) weights' memory, copy every full HF-named tensor through the model's
+        load_weights, wake the KV cache, drop the prefix cache (it holds KV of the old weights)."""
         was_sleeping = self._sleeping
         if was_sleeping:
             self.llm.wake_up(tags=["weights"])
-        self._model().load_weights(weights=self._bf16_stream(weights))
+        self._model().load_weights(weights=engine_stream(weights, tied=self.tied, dtype=self.dtype))
         if was_sleeping:
             self.llm.wake_up(tags=["kv_cache"])
         self.llm.reset_prefix_cache()
@@ -144,48 +214,39 @@ class VllmEngine:
         check_generate_args(self._sleeping, prompts, params)
         vllm = import_vllm()
         requests = [vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        sampling = [
-            vllm.SamplingParams(
-                n=1,
-                temperature=p.temperature,
-                top_p=p.top_p,
-                top_k=p.top_k,
-                max_tokens=p.max_tokens,
-                seed=p.seed,
-                logprobs=0,
-                stop_token_ids=list(p.stop_token_ids),
-                detokenize=False,
-            )
-            for p in params
-        ]
+        sampling = [vllm_sampling(vllm, p) for p in params]
         self.num_generate_calls += 1
         outs = self.llm.generate(requests, sampling, use_tqdm=False)
         return [_to_generation(i, out) for i, out in enumerate(outs)]
 
     # ------------------------------------------------------------------------------------- lifecycle
     def sleep(self) -> None:
-        """Weights to pinned CPU memory, KV cache dropped (level 1); idempotent."""
+        """Weights and KV cache discarded (level 2: nothing copied to host); idempotent."""
         if not self._sleeping:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
             self._sleeping = True
 
     def wake_up(self) -> None:
-        """Back with the weights held before sleep; idempotent."""
-        if self._sleeping:
-            self.llm.wake_up()
-            self._sleeping = False
+        """Awake: nothing to do. Asleep: the weights are gone, so this raises (refit with load_weights)."""
+        check_wake_up(self._sleeping)
 
     @property
     def is_sleeping(self) -> bool:
         return self._sleeping
 
     def close(self) -> None:
-        if getattr(self, "llm", None) is not None:
-            self.llm = None
-            gc.collect()
+        """vLLM's own shutdown of the in-process engine core (v1/engine/core_client.py InprocClient.shutdown
+        -> v1/engine/core.py EngineCore.shutdown): the executor's shutdown destroys vLLM's TP/PP groups, then
+        cleanup_dist_env_and_memory (distributed/parallel_state.py) destroys torch.distributed's default group
+        too. So this is the last collective act of a run (the trainer closes the engine just before
+        platform.destroy); dropping the LLM unclosed would do the same from a GC finalizer, at a random time."""
+        llm = getattr(self, "llm", None)
+        self.llm = None
+        self._sleeping = True
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        self._sleeping = True
 
 
 def _to_generation(index: int, out) -> Generation:

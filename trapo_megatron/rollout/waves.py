@@ -13,6 +13,7 @@ import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from trapo_megatron.algo.micro_groups import MicroGroupConfig, MicroGroupDecision, decide
@@ -175,9 +176,34 @@ def _plan_samples(
         wave.requests.append((r, r.prompt_ids + r.prefix_ids, params))
 
 
-def stop_token_ids(tokenizer, cfg: RolloutConfig) -> tuple[int, ...]:
-    """The tokenizer's EOS and the configured extra stop tokens, each once, EOS first."""
-    return tuple(dict.fromkeys((tokenizer.eos_token_id, *cfg.stop_token_ids)))
+def stop_token_ids(tokenizer, cfg: RolloutConfig, model_dir: str | None = None) -> tuple[int, ...]:
+    """The tokenizer's EOS, the configured extra stop tokens, then the model's generation-config eos ids,
+    each once, EOS first.
+
+    vLLM adds the generation-config ids to every request itself (SamplingParams.update_from_generation_config,
+    vllm/v1/engine/input_processor.py; the config comes from GenerationConfig.from_pretrained(model), else
+    from the model config, vllm/transformers_utils/config.py try_get_generation_config): passing them here
+    makes the CPU twin stop where vLLM does (Instruct models list <|im_end|> there). ``model_dir``: the
+    model folder, by default the one the tokenizer was loaded from.
+    """
+    return tuple(dict.fromkeys((tokenizer.eos_token_id, *cfg.stop_token_ids, *_generation_eos_ids(
+        model_dir if model_dir is not None else getattr(tokenizer, "name_or_path", "")))))
+
+
+@functools.lru_cache(maxsize=8)
+def _generation_eos_ids(model_dir: str) -> tuple[int, ...]:
+    """generation_config.json's eos_token_id (an int or a list), falling back to config.json's, as vLLM
+    reads them; () for anything that is not a local model folder (nothing to fetch offline)."""
+    if not model_dir or not Path(model_dir, "config.json").is_file():
+        return ()
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: vLLM derives one from the model config
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir))
+    eos = gen.eos_token_id
+    return () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
 
 
 def run_waves(
@@ -196,6 +222,9 @@ def run_waves(
     The engine must be awake with the current policy (the trainer syncs weights once before this call).
     ``positions``: each example's place in the step's whole batch (default: its index here). Request seeds
     depend on it, so a data-parallel shard samples exactly what the whole batch would on one rank.
+    ``scorer`` is the hook that keeps the ranks of an engine replica in step: under the rollout service it is
+    a ReplicaScorer (grades on the replica's leader, broadcasts), so every rank decides the next
+    micro-groups from the same rewards whatever the wall clock did to the reward pool.
     """
     positions = range(len(examples)) if positions is None else positions
     eos = tokenizer.eos_token_id

@@ -65,27 +65,34 @@ def is_complete(directory: Path) -> bool:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, ctx: Any) -> None:
+    def __init__(self, root: Path, policy: Any) -> None:
         self.root = root
-        self.ctx = ctx
+        self.policy = policy
 
     @staticmethod
     def due(step: int, every: int, last: int) -> bool:
         return step == last or (every > 0 and step % every == 0)
 
-    def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
-        """Every rank's shards, then (rank 0, after a barrier) the trainer state, the completion marker and
-        ``latest``."""
-        directory = self.root / f"step_{step:06d}"
-        rank = dist.get_rank()
+    def directory(self, step: int) -> Path:
+        return self.root / f"step_{step:06d}"
+
+    def save(self, step: int) -> None:
+        """Every rank's shards and RNG states of ``step`` (collective); the step is not resumable before
+        :meth:`commit`."""
+        directory, rank = self.directory(step), dist.get_rank()
         if rank == 0 and directory.exists():
             shutil.rmtree(directory)  # a partial save of this step (killed run) or one being redone
         dist.barrier()
-        self.ctx.policy.save(directory)
+        self.policy.save(directory)
         torch.save(_rng_states(), directory / f"rng_rank{rank:05d}.pt")
         faults.fire("mid_save")
+
+    def commit(self, step: int, trainer_state: dict[str, Any]) -> None:
+        """Once every rank's :meth:`save` of ``step`` is done: (rank 0) the trainer state, the completion
+        marker, then ``latest`` (collective)."""
+        directory = self.directory(step)
         dist.barrier()
-        if rank == 0:
+        if dist.get_rank() == 0:
             (directory / TRAINER_STATE).write_text(json.dumps(trainer_state) + "\n")
             (directory / COMPLETE).write_text(json.dumps({"step": step, "world_size": dist.get_world_size()}) + "\n")
             tmp = self.root / f".{LATEST}.tmp"
@@ -93,7 +100,6 @@ class Checkpointer:
             os.replace(tmp, self.root / LATEST)
             faults.fire("after_latest")
         dist.barrier()
-        return directory
 
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names if it is complete; otherwise the newest complete one (None: none)."""
@@ -116,6 +122,6 @@ class Checkpointer:
         if saved_world != dist.get_world_size():
             raise ValueError(f"{directory} was saved by {saved_world} ranks, this run has "
                              f"{dist.get_world_size()}: resume with the same world size (or convert it)")
-        self.ctx.policy.load(directory)
+        self.policy.load(directory)
         _set_rng_states(torch.load(directory / f"rng_rank{dist.get_rank():05d}.pt", weights_only=True))
         return json.loads((directory / TRAINER_STATE).read_text())
