@@ -5,13 +5,21 @@ from its checkpoint): every step's metrics but the timings must be equal, each s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from _launch_helpers import MAX_STEPS, latest, launch, metrics, tiny
 
+from trapo_megatron.demo import CONFIG
+from trapo_megatron.testing import free_port
 from trapo_megatron.train.stopping import EXIT_DIVERGED, EXIT_STOPPED
 
 pytestmark = pytest.mark.timeout(1200)
@@ -39,6 +47,9 @@ def test_kill_anywhere_then_resume_equals_the_uninterrupted_run(baseline: Path, 
     out = tmp_path / "run"
     expected = metrics(baseline)
     assert [r["step"] for r in expected] == list(range(1, MAX_STEPS + 1))
+    for r in expected:  # accounting: every sample graded once (2 prompts x 8), nothing scored 0 by the pool
+        assert r["reward_num_graded"] == 16 and 0 < r["num_generated"] <= 16  # L=1.0 samples: no generation
+        assert r["reward_num_timeouts"] == r["reward_num_killed"] == r["reward_num_crashes"] == 0
     for i, (fault, pointer) in enumerate(CHAIN):
         assert launch(tiny(out), resume=i > 0, fault=fault) == KILLED, fault
         if pointer is None:
@@ -81,3 +92,46 @@ def test_consecutive_nans_stop_the_run_with_the_last_good_checkpoint(tmp_path: P
     assert latest(out) == "step_000002"  # step 4 (skipped) was due but not saved
     assert [r["update_skipped"] for r in metrics(out)] == [0.0, 0.0, 1.0, 1.0]
     assert "2 consecutive optimizer steps skipped" in (out / "rank0.log").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+def test_workers_exit_when_their_torchrun_agent_is_killed(tmp_path: Path) -> None:
+    """torchrun starts each worker in a session of its own: SIGKILL the agent mid-run and its workers must
+    not run on (the parent watchdog); they are gone within a bound far below any collective timeout."""
+    out = tmp_path / "run"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "trapo_megatron.cli", "train", "--config", str(CONFIG),
+           *tiny(out, "run.max_steps=1000", "checkpoint.save_every=0")]
+    with (out / "agent.log").open("w") as log:
+        agent = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "metrics.jsonl").exists():  # the workers are training
+            assert agent.poll() is None and time.monotonic() < deadline, (out / "agent.log").read_text()[-3000:]
+            time.sleep(1)
+        workers += _children(agent.pid)
+        assert len(workers) == 2
+        agent.kill()
+        agent.wait()
+        t0 = time.monotonic()
+        while any(map(_alive, workers)) and time.monotonic() - t0 < 60:
+            time.sleep(0.2)
+        assert not any(map(_alive, workers)), f"workers {workers} still running 60 s after their agent died"
+    finally:
+        for pid in [agent.pid, *filter(_alive, workers)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
