@@ -135,3 +135,29 @@ def test_workers_exit_when_their_torchrun_agent_is_killed(tmp_path: Path) -> Non
         for pid in [agent.pid, *filter(_alive, workers)]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "evil"])
+def test_a_checkpoint_with_remote_code_never_runs_it(tmp_path: Path, model_type: str) -> None:
+    """A model directory whose config points at its own Python code (auto_map): `trapo train`'s checks load
+    the config the way the run does; transformers runs remote code only with trust_remote_code=True, which
+    nothing in trapo passes. A known model type falls back to the built-in class, an unknown one is refused;
+    the code never runs."""
+    from trapo_megatron.demo import ASSETS
+    from trapo_megatron.train_cli import check_config, load_config
+
+    model = tmp_path / "model"
+    shutil.copytree(ASSETS / "model", model)
+    sentinel = tmp_path / "remote_code_ran"
+    (model / "evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n"
+                                   "from transformers import Qwen2Config as EvilConfig\n")
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={"AutoConfig": "evil.EvilConfig"})
+    (model / "config.json").write_text(json.dumps(config))
+    cfg = load_config(str(CONFIG), [*tiny(tmp_path / "run"), f"model.hf_path={model}"])
+    if model_type == "qwen2":
+        check_config(cfg, 2)
+    else:
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            check_config(cfg, 2)
+    assert not sentinel.exists()

@@ -69,6 +69,8 @@ def wrap_ddp(chunks: list[Any], use_distributed_optimizer: bool = True) -> list[
     """Megatron DDP around each model chunk (contiguous fp32 grad buffers, reduce-scatter with ZeRO-1)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    # check_for_nan_in_grad stays off: it makes a NaN a fatal error inside the grad reduction (megatron's rerun
+    # state machine, param_and_grad_buffer.check_grads); optimizer_step skips such a step on every rank instead.
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
     )
