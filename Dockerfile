@@ -8,14 +8,16 @@
 # See docs/launch.md.
 #
 # The NGC image brings the CUDA toolkit (nvcc), cuDNN, NCCL and the compilers. Everything Python lives in a
-# fresh venv pinned by requirements/lock.txt: torch 2.14.0 from the registry (the version vLLM 0.33.0 pins),
-# then Transformer Engine and apex compiled against that torch. The image's own torch stack is left unused.
+# fresh venv pinned by requirements/gpu-lock.txt (resolved with vllm 0.33.0 and Transformer Engine 2.20.2:
+# torch 2.14.0+cu130, the version vLLM pins): the wheels first, then Transformer Engine's torch extension and
+# apex compiled against that torch. The image's own torch stack is left unused. No nemo-run in the image: its
+# leptonai pin clashes with vllm (prometheus-fastapi-instrumentator 7 vs >= 8); the launcher runs outside.
 FROM nvcr.io/nvidia/pytorch:25.09-py3
 
 ARG UV_VERSION=0.13.9
-ARG VLLM_VERSION=0.33.0
-ARG TE_VERSION=2.10.0
-# NVIDIA/apex has no releases on the package registries: build a pinned commit from source.
+# NVIDIA/apex has no releases on the package registries: build a pinned commit from source. Megatron uses
+# its fused_weight_gradient_mlp_cuda for the output layer's gradient-accumulation fusion
+# (megatron/core/tensor_parallel/layers.py); the optimizers come from TE (megatron/core/optimizer/__init__.py).
 ARG APEX_COMMIT=10417aceddd7d5d05d7cbf7b0fc2daad1105f8b4
 # Hopper (H100/H200) by default; add 8.0 for A100, 10.0 for B200.
 ARG TORCH_CUDA_ARCH_LIST="9.0"
@@ -47,15 +49,14 @@ RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir "uv==${UV_
 
 WORKDIR /opt/trapo-megatron
 
-# 1. The locked stack (torch, megatron-core, transformers, math-verify, nemo-run, pytest, ...): cached
-#    until the lock file changes.
-COPY requirements/lock.txt requirements/lock.txt
-RUN uv pip install -r requirements/lock.txt
+# 1. The GPU lock (torch, vllm, megatron-core, transformers, math-verify, pytest, Transformer Engine's CUDA
+#    libraries...), cached until the lock changes. transformer-engine-torch is a source package that compiles
+#    against torch (step 2), so it is held back here; its version comes from the same lock.
+COPY requirements/gpu-lock.txt requirements/gpu-lock.txt
+RUN grep -v '^transformer-engine-torch==' requirements/gpu-lock.txt > /tmp/wheels.txt \
+    && uv pip sync /tmp/wheels.txt && rm /tmp/wheels.txt
 
-# 2. vLLM, held to the lock's torch and transformers.
-RUN uv pip install "vllm==${VLLM_VERSION}" -c requirements/lock.txt
-
-# 3. Transformer Engine and apex compile against the venv's torch: their CUDA major must match it.
+# 2. Transformer Engine's torch extension and apex compile against the venv's torch: their CUDA major must match.
 RUN torch_cuda="$(python -c 'import torch; print(torch.version.cuda)')" \
     && nvcc_cuda="$(nvcc --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')" \
     && echo "torch CUDA ${torch_cuda}, nvcc ${nvcc_cuda}" \
@@ -64,19 +65,22 @@ RUN torch_cuda="$(python -c 'import torch; print(torch.version.cuda)')" \
               "pick an NGC image with CUDA ${torch_cuda%%.*}.x" >&2; exit 1; \
        fi
 # --no-build-isolation: the extensions must see the venv's torch, so their build tools come first.
-RUN uv pip install "cmake==3.31.6" "ninja==1.11.1.4" "wheel==0.45.1" "pybind11==2.13.6" -c requirements/lock.txt \
-    && uv pip install --no-build-isolation "transformer_engine[pytorch]==${TE_VERSION}" -c requirements/lock.txt
+RUN uv pip install "cmake==3.31.6" "ninja==1.11.1.4" "wheel==0.45.1" "pybind11==2.13.6" \
+    && uv pip install --no-build-isolation --no-deps -r requirements/gpu-lock.txt \
+    && python -c "import transformer_engine.pytorch"
 RUN git clone https://github.com/NVIDIA/apex.git /tmp/apex \
     && git -C /tmp/apex checkout "${APEX_COMMIT}" \
     && cd /tmp/apex \
     && APEX_CPP_EXT=1 APEX_CUDA_EXT=1 APEX_PARALLEL_BUILD=8 NVCC_APPEND_FLAGS="--threads 4" \
        uv pip install -v --no-build-isolation . \
-    && cd / && rm -rf /tmp/apex
+    && cd / && rm -rf /tmp/apex \
+    && python -c "import fused_weight_gradient_mlp_cuda"
 
-# 4. This package (editable: examples/, tests/ and the assets stay next to the code, where the launch
+# 3. This package (editable: examples/, tests/ and the assets stay next to the code, where the launch
 #    recipes read the configs from).
 COPY . /opt/trapo-megatron
 RUN uv pip install --no-deps -e . \
-    && python -c "import trapo_megatron, megatron.core, nemo_run, vllm, transformer_engine, apex"
+    && python -c "import trapo_megatron, megatron.core, vllm, transformer_engine.pytorch, fused_weight_gradient_mlp_cuda" \
+    && python -c "from trapo_megatron.megatron import features; print(features.detect('auto', 2))"
 
 CMD ["bash"]

@@ -125,9 +125,9 @@ def _stream_worker(rank, world_size, cfg, bucket_sizes, repeats):
         local = sum(p.nbytes for p in model[0].parameters())
         send = torch.ones(local, dtype=torch.uint8)
         recv = torch.empty(local * world_size, dtype=torch.uint8)
-        torch.distributed.all_gather_single(recv, send)
+        torch.distributed.all_gather_into_tensor(recv, send)
         out["all_gather_Bps"] = recv.nbytes / min(
-            _timed(lambda: torch.distributed.all_gather_single(recv, send)) for _ in range(repeats))
+            _timed(lambda: torch.distributed.all_gather_into_tensor(recv, send)) for _ in range(repeats))
         del send, recv
 
     for bucket_bytes in bucket_sizes:

@@ -113,7 +113,30 @@ def test_every_install_is_pinned() -> None:
     assert len(specs) >= 5, f"too few installs found ({specs}): the parser is broken"
     assert _unpinned(specs) == []
     assert re.fullmatch(r"[0-9a-f]{40}", arg_defaults()["APEX_COMMIT"]), "apex must be a pinned commit"
-    assert "requirements/lock.txt" in " ".join(runs)
+    joined = " ".join(runs)
+    assert "requirements/gpu-lock.txt" in joined and "requirements/lock.txt" not in joined
+
+
+def _lock_pins(path: Path) -> dict[str, str]:
+    return dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", path.read_text(), flags=re.MULTILINE))
+
+
+def test_the_image_uses_the_gpu_lock_and_checks_the_te_extension() -> None:
+    """The lock holds vllm 0.33.0 with Transformer Engine's torch extension at TE's own version (its full
+    consistency with vllm's requirements is checked in tests/vllm_real/test_gpu_lock.py, where vllm is
+    installed); the image imports transformer_engine.pytorch (the meta package imports even when the
+    extension is broken)."""
+    pins = _lock_pins(REPO / "requirements" / "gpu-lock.txt")
+    assert pins["vllm"] == "0.33.0" and pins["torch"] == "2.14.0" and pins["megatron-core"] == "0.19.2"
+    assert pins["transformer-engine"] == pins["transformer-engine-torch"] == pins["transformer-engine-cu13"]
+    cpu = _lock_pins(REPO / "requirements" / "lock.txt")
+    assert cpu["torch"] == pins["torch"] and cpu["megatron-core"] == pins["megatron-core"]
+    text = DOCKERFILE.read_text()
+    assert 'python -c "import transformer_engine.pytorch"' in text
+    assert not re.search(r"import [^\n\"]*\btransformer_engine\b(?!\.)", text), "import transformer_engine.pytorch"
+    header = (REPO / "requirements" / "gpu-lock.txt").read_text().splitlines()[1]
+    makefile = (REPO / "Makefile").read_text().replace("\\\n", "")
+    assert " ".join(header.split()[1:]).replace("uv pip compile", "") in " ".join(makefile.split())
 
 
 def test_apt_hygiene() -> None:

@@ -79,7 +79,7 @@ def sdpa_attention() -> Iterator[None]:
         v = value.view(t, self.num_kv_heads, self.head_size).transpose(0, 1)
         rep = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.impl.scale)
         return out.transpose(0, 1).reshape(t, self.num_heads * self.head_size)
 
     saved = Attention.forward

@@ -5,7 +5,7 @@ these (name, tensor) pairs). Every rank of the model runs it and every rank rece
 colocated engine on any rank can load them.
 
 How bytes move (each once): the pipeline stage that owns a parameter all-gathers its TP shards
-(``all_gather_single`` on ``tp_group``, one async op per parameter, waited per bucket), merges them
+(``all_gather_into_tensor`` on ``tp_group``, one async op per parameter, waited per bucket), merges them
 into the TP=1 Megatron layout, then broadcasts that tensor over ``pp_group`` to the other stages; every rank
 then splits it into HF tensors (``formats``). At TP=1 and PP=1 nothing moves and most yielded tensors are
 views of the parameters (QKV split is the only copy).
@@ -153,7 +153,7 @@ def _tp_full(params: list[LocalParam], tp_group: dist.ProcessGroup | None, tp_si
             gathered.append(None)
             continue
         buf = torch.empty((tp_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-        works.append(dist.all_gather_single(buf, local.contiguous(), group=tp_group, async_op=True))
+        works.append(dist.all_gather_into_tensor(buf, local.contiguous(), group=tp_group, async_op=True))
         gathered.append(buf.view(tp_size, *local.shape))
     for work in works:
         work.wait()

@@ -1,9 +1,11 @@
 """Packing variable-length sequences into micro-batches without padding between them.
 
-Each micro-batch is ONE row of concatenated sequences. Position ids restart at 0 for every sequence and the
-attention mask is block-diagonal causal, so the packed row computes exactly what each sequence alone would
-(megatron's local attention honours the explicit mask; on GPU the same boundaries become THD cu_seqlens).
-The mask is O(S^2) booleans: fine for the CPU path; the GPU path uses the boundaries only.
+Each micro-batch is ONE row of concatenated sequences. Position ids restart at 0 for every sequence and
+attention stays inside each sequence, so the packed row computes exactly what each sequence alone would. A
+row carries only its boundaries (``cu_seqlens``): Transformer Engine's THD attention takes them as they
+are; megatron's local attention needs the explicit block-diagonal causal mask, which
+:func:`block_causal_mask` builds from them when that path runs. The mask is O(S^2) booleans (268 MB at
+16,384 tokens), so it is never kept with the micro-batches of a step.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def plan_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 def pack_row(sequences: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Concatenate 1-D token tensors into one row.
 
-    Returns ``tokens`` (1, S), ``position_ids`` (1, S), ``attention_mask`` (1, 1, S, S) bool with True =
-    masked (megatron's convention), ``cu_seqlens`` (n + 1,) int32 boundaries for THD attention on GPU.
+    Returns ``tokens`` (1, S), ``position_ids`` (1, S) and ``cu_seqlens`` (n + 1,) int32 boundaries
+    (THD attention's input; :func:`block_causal_mask` for the local path).
     """
     lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
     total = int(lengths.sum())
@@ -43,13 +45,15 @@ def pack_row(sequences: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     seq_id = torch.repeat_interleave(torch.arange(len(sequences)), lengths)  # (S,)
     starts = torch.cumsum(lengths, 0) - lengths
     position_ids = (torch.arange(total) - starts[seq_id]).view(1, total)
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
-    same_seq = seq_id[:, None] == seq_id[None, :]
-    attention_mask = ~(causal & same_seq)
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lengths, 0).int()])
-    return {
-        "tokens": tokens,
-        "position_ids": position_ids,
-        "attention_mask": attention_mask.view(1, 1, total, total),
-        "cu_seqlens": cu_seqlens,
-    }
+    return {"tokens": tokens, "position_ids": position_ids, "cu_seqlens": cu_seqlens}
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(1, 1, S, S) bool, True = masked (megatron's convention): causal inside each packed sequence, nothing
+    across them. Built on ``device`` directly (no host copy to move)."""
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    total = int(cu[-1])
+    seq_id = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), cu[1:] - cu[:-1])  # (S,)
+    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+    return (~(causal & (seq_id[:, None] == seq_id[None, :]))).view(1, 1, total, total)

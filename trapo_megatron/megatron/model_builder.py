@@ -1,8 +1,9 @@
 """Hugging Face config (Qwen2 / Qwen2.5, Llama 3) -> megatron-core GPTModel.
 
 The translation is a table of (Megatron field, how to read it from the HF config); family differences
-(QKV bias) are a second small table. The Transformer Engine layer spec is used when TE imports, the local
-(pure megatron-core) spec otherwise. Unsupported configs fail with a ValueError naming the HF field.
+(QKV bias) are a second small table. Which layer spec (Transformer Engine or megatron's local one), which
+fusions and whether sequence parallelism runs is one decision (``features``, ``model.transformer_impl``).
+Unsupported configs fail with a ValueError naming the HF field.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trapo_megatron.megatron import platform
+from trapo_megatron.megatron import features, platform
 
 # HF model_type -> whether its attention projections carry a bias (None: read config.attention_bias).
 QKV_BIAS_BY_FAMILY: dict[str, bool | None] = {"qwen2": True, "llama": None}
@@ -57,14 +58,19 @@ FIXED_TRANSFORMER_CONFIG: dict[str, Any] = {
     "activation_func": F.silu,
     "add_bias_linear": False,
     "hidden_dropout": 0.0,
-    "bias_activation_fusion": False,
-    "bias_dropout_fusion": False,
-    "masked_softmax_fusion": False,
-    "apply_rope_fusion": False,
     "persist_layer_norm": False,
-    "gradient_accumulation_fusion": False,
     "attention_softmax_in_fp32": True,
 }
+
+FUSIONS = ("apply_rope_fusion", "bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion")
+"""TransformerConfig fusion flags, all on with the TE spec (the unfused THD RoPE syncs the host per layer,
+megatron/core/models/common/embeddings/rope_utils.py) and all off on the local spec."""
+
+
+def features_kwargs(feats: features.Features) -> dict[str, Any]:
+    """The TransformerConfig fields the implementation decision sets."""
+    return {**dict.fromkeys(FUSIONS, feats.fusions), "sequence_parallel": feats.sequence_parallel,
+            "gradient_accumulation_fusion": feats.gradient_accumulation_fusion}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -125,16 +131,23 @@ class ModelConfig:
     """Parameter dtype: float32 (CPU, tests), bfloat16 (GPU training)."""
     recompute_activations: bool = False
     """Full activation recompute of every layer (trades ~30% compute for activation memory)."""
+    transformer_impl: str = "auto"
+    """auto (Transformer Engine on CUDA, which must then import; local without CUDA), te, or local
+    (megatron's local spec on a GPU too: no fusions, no sequence parallelism). See megatron/features.py."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.transformer_impl not in features.IMPLS:
+            raise ValueError(f"model.transformer_impl must be one of {features.IMPLS}, got {self.transformer_impl!r}")
 
 
 def transformer_config_from_hf(
-    hf_config: Any, parallel: platform.ParallelConfig, dtype: str = "float32", recompute: bool = False
+    hf_config: Any, parallel: platform.ParallelConfig, dtype: str = "float32", recompute: bool = False,
+    feats: features.Features | None = None,
 ) -> Any:
-    """The megatron-core TransformerConfig equivalent to ``hf_config`` under ``parallel``."""
+    """The megatron-core TransformerConfig equivalent to ``hf_config`` under ``parallel`` (``feats``: the
+    implementation decision; None: this machine's ``auto``)."""
     from megatron.core.transformer import TransformerConfig
 
     validate_hf_config(hf_config, parallel)
@@ -151,7 +164,7 @@ def transformer_config_from_hf(
         use_cpu_initialization=not platform.cuda_available(),
         variable_seq_lengths=True,  # packed micro-batches differ in length (PP sends the shapes)
         moe_token_dispatcher_type="alltoall",  # the only dispatcher megatron accepts with variable lengths
-        sequence_parallel=False,
+        **features_kwargs(feats or features.detect("auto", parallel.tensor_model_parallel_size)),
         # Our losses are already normalised over the global batch: no per-micro-batch or per-DP division.
         calculate_per_token_loss=True,
     )
@@ -160,39 +173,41 @@ def transformer_config_from_hf(
     return TransformerConfig(**kwargs)
 
 
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken TE install counts as absent
-        return False
-    return platform.cuda_available()
-
-
-def layer_spec() -> Any:
-    """TE layer spec with CUDA + Transformer Engine, the local megatron-core spec otherwise."""
+def layer_spec(feats: features.Features) -> Any:
+    """The TE layer spec or megatron-core's local one, as ``feats`` decided."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if transformer_engine_available():
+    if feats.transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
+def features_of(chunk: Any) -> features.Features:
+    """The decision a model chunk was built with (DDP / Float16Module wrappers unwrapped)."""
+    while not hasattr(chunk, "trapo_features"):
+        chunk = chunk.module
+    return chunk.trapo_features
+
+
 def build_model(
-    hf_config: Any, parallel: platform.ParallelConfig, dtype: str = "float32", recompute: bool = False
+    hf_config: Any, parallel: platform.ParallelConfig, dtype: str = "float32", recompute: bool = False,
+    transformer_impl: str = "auto",
 ) -> list[Any]:
     """Model chunks of this rank's pipeline stage (one chunk: no virtual pipeline), on this rank's device.
 
-    Requires :func:`platform.initialize` with the same ``parallel``.
+    Requires :func:`platform.initialize` with the same ``parallel``. ``transformer_impl``: see
+    megatron/features.py; the decision is kept on the model (:func:`features_of`).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config_from_hf(hf_config, parallel, dtype, recompute)
+    feats = features.detect(transformer_impl, parallel.tensor_model_parallel_size)
+    config = transformer_config_from_hf(hf_config, parallel, dtype, recompute, feats)
     rope = _rope(hf_config)
     with platform.cuda_literals_on_cpu():  # tied embeddings on the last PP stage call .cuda()
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(),
+            transformer_layer_spec=layer_spec(feats),
             vocab_size=hf_config.vocab_size,
             max_sequence_length=hf_config.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(),
@@ -204,4 +219,5 @@ def build_model(
             rope_scaling=rope["rope_type"] == "llama3",
             rope_scaling_factor=float(rope.get("factor", 8.0)),
         )
+    model.trapo_features = feats
     return [model.to(platform.device())]

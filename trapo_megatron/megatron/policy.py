@@ -30,7 +30,8 @@ class MegatronPolicy:
         from trapo_megatron.convert.model_io import load_hf_into_model
 
         self.hf_config = hf_config
-        chunks = model_builder.build_model(hf_config, parallel, model_cfg.dtype, model_cfg.recompute_activations)
+        chunks = model_builder.build_model(hf_config, parallel, model_cfg.dtype, model_cfg.recompute_activations,
+                                           model_cfg.transformer_impl)
         load_hf_into_model(chunks, hf_path, hf_config=hf_config, tp_group=ps.get_tensor_model_parallel_group())
         self.chunks = step.wrap_ddp(chunks, optim_cfg.use_distributed_optimizer)
         self.optimizer, self.scheduler = step.build_optimizer(self.chunks, optim_cfg, total_steps)

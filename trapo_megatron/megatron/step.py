@@ -15,12 +15,13 @@ from typing import Any, Literal
 
 import torch
 
+from trapo_megatron.data import packing
 from trapo_megatron.megatron import model_builder, platform
 
 MicroBatch = dict[str, Any]
-"""One packed micro-batch: ``tokens`` (1, S) long, ``position_ids`` (1, S) long, ``attention_mask``
-(1, 1, S, S) bool (True = masked; block-diagonal causal over the packed sequences) and any per-token
-tensors (S,) the loss needs."""
+"""One packed micro-batch (data/packing.py pack_row): ``tokens`` (1, S) long, ``position_ids`` (1, S) long,
+``cu_seqlens`` (n + 1,) int32 boundaries of the packed sequences, and any per-token tensors (S,) the loss
+needs. No mask: the local attention path builds the block-diagonal one on the device when it runs."""
 
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """``loss_fn(logits (S, V/TP), micro_batch) -> (global-normalised loss sum, metric sums)``."""
@@ -123,18 +124,19 @@ def forward_backward(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    thd = model_builder.transformer_engine_available()
+    thd = model_builder.features_of(chunks[0]).transformer_engine
 
     dev = platform.device()
 
     def forward_step(data_iterator, model):
         mb = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v
               for k, v in next(data_iterator).items()}
-        if thd:  # padding-free THD attention over the packed sequences (Transformer Engine)
+        if thd:  # padding-free THD attention over the packed sequences (Transformer Engine): no mask at all
             logits = model(mb["tokens"], mb["position_ids"], None, labels=None,
                            packed_seq_params=packed_seq_params(mb["cu_seqlens"]))
-        else:  # local attention: the explicit block-diagonal causal mask
-            logits = model(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=None)
+        else:  # local attention: the explicit block-diagonal causal mask, built for this forward only
+            mask = packing.block_causal_mask(mb["cu_seqlens"], dev)
+            logits = model(mb["tokens"], mb["position_ids"], mask, labels=None)
 
         def loss_func(output: torch.Tensor):
             # (1, S, V/TP) -> (S, V/TP)

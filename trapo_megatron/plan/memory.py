@@ -26,6 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from trapo_megatron.megatron import features
 from trapo_megatron.plan.model import ModelSpec, padded_vocab, stage_params, total_params
 
 GIB = 1024**3
@@ -73,8 +74,9 @@ class PlanConfig:
     """Tokens per packed training sequence (prompt + response)."""
     num_microbatches: int | None = None
     """Micro-batches per step and pipeline; None: at least PP (the 1F1B steady state)."""
-    sequence_parallel: bool = True
-    """Split norm and dropout activations over TP (Megatron with Transformer Engine)."""
+    transformer_impl: str = "te"
+    """The training's model.transformer_impl on the GPUs planned for (auto there means te): with te,
+    sequence parallelism splits norm and dropout activations over TP (megatron/features.py decides)."""
     colocate_vllm: bool = True
     """A vLLM engine shares the GPUs with training."""
     rollout_tp: int | None = None
@@ -99,6 +101,8 @@ class PlanConfig:
     def __post_init__(self) -> None:
         if self.gpu not in GPUS:
             raise ValueError(f"PlanConfig.gpu {self.gpu!r} is unknown; choose one of {sorted(GPUS)}")
+        if self.transformer_impl not in ("te", "local"):
+            raise ValueError(f"PlanConfig.transformer_impl must be te or local, got {self.transformer_impl!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"PlanConfig.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}"
@@ -195,7 +199,8 @@ def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -
 
     tokens = cfg.micro_batch_size * cfg.seq_length
     in_flight = min(pp - stage, cfg.num_microbatches or pp)
-    per_tok, input_tok = _activation_elems_per_token(spec, tp, cfg.sequence_parallel and tp > 1)
+    sp = features.decide(cfg.transformer_impl, tp, cuda=True, te_error=None, grad_accum_kernel=True).sequence_parallel
+    per_tok, input_tok = _activation_elems_per_token(spec, tp, sp)
     layers = spec.num_layers // pp
     act = bytes_["activation"]
     activations = int(in_flight * layers * tokens * per_tok * act)

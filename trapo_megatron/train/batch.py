@@ -78,7 +78,7 @@ def data_parallel_share(groups: list, dp_rank: int, dp_size: int) -> list:
 
 def micro_batches(seqs: list[Sequence], max_tokens: int) -> list[dict]:
     """Pack sequences into micro-batches of at most ``max_tokens`` tokens: ``tokens``, ``position_ids``,
-    ``attention_mask`` and the per-token loss inputs, concatenated."""
+    ``cu_seqlens`` and the per-token loss inputs, concatenated."""
     out = []
     for idx in plan_micro_batches([len(s.tokens) for s in seqs], max_tokens):
         group = [seqs[i] for i in idx]
