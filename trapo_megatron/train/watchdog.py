@@ -3,6 +3,7 @@ SIGKILLed agent leaves its workers writing into the run directory (and holding t
 times out. A daemon thread polls the parent pid; once the process is re-parented it kills itself and,
 when it leads its own process group (torchrun's workers do), everything it started (reward workers, engine
 processes). Peers that die are caught by the collective timeout (``run.collective_timeout_minutes``).
+Not prctl(PR_SET_PDEATHSIG): it fires when the parent THREAD that forked us exits, not the parent process.
 """
 
 from __future__ import annotations
