@@ -161,3 +161,16 @@ def test_a_checkpoint_with_remote_code_never_runs_it(tmp_path: Path, model_type:
         with pytest.raises(ValueError, match="trust_remote_code"):
             check_config(cfg, 2)
     assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("run.stop_signals=[SIGKILL]", "run.stop_signals"), ("run.stop_signals=[SIGTERMM]", "run.stop_signals"),
+    ("run.max_consecutive_skips=-1", "run.max_consecutive_skips"),
+    ("run.collective_timeout_minutes=0", "run.collective_timeout_minutes"),
+])
+def test_reliability_knobs_are_checked(tmp_path: Path, override: str, needle: str) -> None:
+    from trapo_megatron.config import ConfigError
+    from trapo_megatron.train_cli import load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(str(CONFIG), [*tiny(tmp_path), override])
