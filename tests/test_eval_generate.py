@@ -38,10 +38,10 @@ def test_cpu_twin_generates_k_batch_independent_responses() -> None:
                       num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=256)
     engine = CpuEngine(cfg)
     items = load_benchmark(SAMPLE_DIR / "aime.jsonl", "aime")
-    kwargs = {"k": 3, "sampling": SamplingParams(temperature=1.0, max_tokens=6, seed=7),
+    kwargs = {"n": 3, "sampling": SamplingParams(temperature=1.0, max_tokens=6, seed=7),
                   "prompt": PromptConfig(template="plain")}
     one = generate_responses(engine, tokenizer, items, batch_size=1, **kwargs)
-    many = generate_responses(engine, tokenizer, items, batch_size=256, **kwargs)
+    many = generate_responses(engine, tokenizer, items, **kwargs)  # one engine call
     assert set(one) == {("aime", it.id) for it in items}
     assert all(len(v) == 3 for v in one.values())
     assert one == many

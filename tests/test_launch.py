@@ -7,8 +7,8 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,13 +40,19 @@ def _sbatch(capsys, *argv: str) -> str:
     return capsys.readouterr().out
 
 
+GPU_PATHS = ["model.hf_path=/data/model", "data.path=/data/openr1.jsonl", "run.output_dir=/ckpt/run"]
+
+
 def test_slurm_dryrun_32b(capsys) -> None:
-    script = _sbatch(capsys, "--recipe", "qwen2.5-32b", *SLURM, "--", "model.hf_path=/data/Qwen2.5-32B")
+    script = _sbatch(capsys, "--recipe", "qwen2.5-32b", *SLURM, "--", *GPU_PATHS)
     assert script.startswith("#!/bin/bash")
     assert "#SBATCH --nodes=4" in script
     assert "#SBATCH --ntasks-per-node=1" in script  # one torchrun per node ...
     assert "#SBATCH --gpus-per-node=8" in script
-    assert re.search(r"torchrun .*--nnodes 4 --nproc-per-node 8", script)  # ... starting 8 ranks each
+    # ... through the stop-signal agent, starting 8 ranks each, rendezvous on the first node
+    assert re.search(r" python -m trapo_megatron.launch.agent --stop-signal=SIGUSR1 --nnodes 4 --nproc-per-node 8 "
+                     r".*--rdzv-endpoint \$head_node_ip:29500 --rdzv-id \$SLURM_JOB_ID", script)
+    assert "#SBATCH --signal=USR1@300" in script and "#SBATCH --time=48:00:00" in script
     assert "#SBATCH --account=acct" in script and "#SBATCH --partition=batch" in script
     assert f"--container-image {IMAGE}" in script
     assert re.search(r"--container-mounts /lustre/data:/data,/lustre/ckpt:/ckpt", script)
@@ -55,28 +61,53 @@ def test_slurm_dryrun_32b(capsys) -> None:
     assert ("-m trapo_megatron.cli train --config /opt/trapo-megatron/examples/qwen2.5-math-7b_trapo.yaml "
             "--config /opt/trapo-megatron/examples/qwen2.5-32b_trapo.yaml "
             "parallel.tensor_model_parallel_size=4 parallel.pipeline_model_parallel_size=4 "
-            "model.hf_path=/data/Qwen2.5-32B") in script
+            "checkpoint.resume=true model.hf_path=/data/model data.path=/data/openr1.jsonl "
+            "run.output_dir=/ckpt/run") in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # the script parses as bash
 
 
 def test_slurm_dryrun_72b_and_single_node_eval(capsys) -> None:
-    script = _sbatch(capsys, "--recipe", "qwen2.5-72b", *SLURM)
+    script = _sbatch(capsys, "--recipe", "qwen2.5-72b", *SLURM, "--", *GPU_PATHS)
     assert "#SBATCH --nodes=8" in script and "--nnodes 8 --nproc-per-node 8" in script
     script = _sbatch(capsys, "--recipe", "qwen2.5-72b", "--task", "eval", *SLURM, "--", "--engine", "vllm")
-    assert "#SBATCH --nodes=1" in script and "torchrun" not in script
-    assert "-m trapo_megatron.cli eval --engine vllm" in script
+    assert "#SBATCH --nodes=1" in script and "torchrun" not in script and "launch.agent" not in script
+    assert "#SBATCH --signal" not in script  # only the trainer catches the warning; it would kill eval
+    assert "python -m trapo_megatron.cli eval --engine vllm" in script
 
 
-def test_slurm_needs_account_and_image(capsys) -> None:
-    assert cli.main(["--recipe", "qwen2.5-32b", "--executor", "slurm", "--dryrun"]) == 2
-    assert "--account" in capsys.readouterr().err
+def test_slurm_without_container_runs_this_checkout_with_this_python(capsys, tmp_path) -> None:
+    """No image: the job runs this interpreter on this checkout, with absolute paths and no `~` anywhere."""
+    script = _sbatch(capsys, "--recipe", "tiny-cpu", "--executor", "slurm", "--job-dir", str(tmp_path), "--dryrun",
+                     "--", "run.output_dir=runs/x")
+    assert f" {sys.executable} -m trapo_megatron.launch.agent " in script
+    assert "#SBATCH --cpus-per-task=2" in script and "--nproc-per-node 2" in script
+    assert f"--config {REPO}/examples/tiny_cpu.yaml" in script
+    assert f"model.hf_path={REPO}/trapo_megatron/assets/demo/model" in script  # config file: the code dir's
+    assert f"run.output_dir={Path.cwd() / 'runs/x'}" in script  # override: the current directory's
+    assert f"#SBATCH --output={tmp_path}/experiments/" in script and "~" not in script
+    assert "--account" not in script and "--container" not in script
 
 
-def test_nemo_run_errors_exit_1(tmp_path, capsys) -> None:
-    """Submitting where there is no Slurm: NeMo-Run raises, `trapo launch` says so and exits 1."""
-    if shutil.which("sbatch"):
-        pytest.skip("this machine has sbatch: the job would really be submitted")
-    argv = ["--recipe", "qwen2.5-32b", *SLURM[:-1], "--job-dir", str(tmp_path), "--detach"]
+def test_cluster_knobs_reach_the_script(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "s3cr3t-value")
+    script = _sbatch(capsys, "--recipe", "qwen2.5-32b", *SLURM, "--qos", "high", "--gres", "gpu:8", "--mem", "0",
+                     "--constraint", "h100", "--exclude", "node[01-02]", "--srun-arg=--mpi=pmix",
+                     "--container-env", "WANDB_API_KEY", "--additional-parameter", "mail-type=END",
+                     "--env-from-host", "WANDB_API_KEY", "--retries", "3", "--signal", "USR1@600",
+                     "--time", "2-00:00:00", "--", *GPU_PATHS)
+    for flag in ("--qos=high", "--gres=gpu:8", "--mem=0", "--constraint=h100", "--exclude='node[01-02]'",
+                 "--mail-type=END", "--export=ALL", "--signal=USR1@600", "--time=2-00:00:00"):
+        assert f"#SBATCH {flag}" in script, flag  # nemo-run shell-quotes values
+    assert "--mpi=pmix" in script and "--container-env WANDB_API_KEY" in script
+    assert "export TORCHX_MAX_RETRIES=3" in script
+    assert "s3cr3t-value" not in script  # the secret travels by name only
+    assert ': "${WANDB_API_KEY:?' in script  # and the job stops at once when it did not arrive
+
+
+def test_nemo_run_errors_exit_1(tmp_path, capsys, monkeypatch) -> None:
+    """Submitting where sbatch cannot run: NeMo-Run raises, `trapo launch` says so and exits 1."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
+    argv = ["--recipe", "qwen2.5-32b", *SLURM[:-1], "--job-dir", str(tmp_path), "--detach", "--", *GPU_PATHS]
     assert cli.main(argv) == 1
     assert "NeMo-Run failed" in capsys.readouterr().err
 
@@ -85,14 +116,16 @@ def test_recipe_factories_for_nemo_run_scripts() -> None:
     from trapo_megatron.launch.executors import recipe_executor, recipe_task, sbatch_script
     from trapo_megatron.launch.recipes import ClusterSettings
 
-    task = recipe_task("qwen2.5-72b", args=["optimizer.lr=1e-6"])
-    assert task.path == "trapo_megatron.cli" and task.m and task.entrypoint == "python"
-    assert task.args[3:5] == ["--config", "/opt/trapo-megatron/examples/qwen2.5-72b_trapo.yaml"]
-    executor = recipe_executor("qwen2.5-72b", cluster=ClusterSettings(account="a", container_image=IMAGE))
-    script = sbatch_script(task, executor, "api")
+    cluster = ClusterSettings(account="a", container_image=IMAGE)
+    task = recipe_task("qwen2.5-72b", args=["optimizer.lr=1e-6"], cluster=cluster)
+    assert task.path == "trapo_megatron.launch.agent" and task.m and task.entrypoint == "python"
+    i = task.args.index("--config", task.args.index("--config") + 1)
+    assert task.args[i:i + 2] == ["--config", "/opt/trapo-megatron/examples/qwen2.5-72b_trapo.yaml"]
+    script = sbatch_script(task, recipe_executor("qwen2.5-72b", cluster=cluster), "api")
     assert "#SBATCH --nodes=8" in script and "optimizer.lr=1e-6" in script
     local = recipe_executor("tiny-cpu")
     assert local.ntasks_per_node == 2 and local.env_vars["OMP_NUM_THREADS"] == "1"
+    assert recipe_task("tiny-cpu").path == "trapo_megatron.cli"
 
 
 def test_local_launch_runs_to_completion(capsys) -> None:
@@ -115,3 +148,27 @@ def test_local_launch_tiny_demo_config(tmp_path) -> None:
     assert cli.main(["--recipe", "tiny-cpu", "--", *overrides]) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]
+
+
+def test_any_config_launches_with_its_own_layout(capsys, tmp_path) -> None:
+    """`--config my.yaml` without a recipe: the config's own TP x PP, TP x PP local processes; on Slurm in a
+    container, a config under a mount source is read through the mount."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((REPO / "examples" / "tiny_cpu.yaml").read_text() + "\n")
+    out = _sbatch(capsys, "--config", str(mine), "--dryrun", "--", "run.max_steps=3")
+    assert f"train --config {mine} checkpoint.resume=true run.max_steps=3" in out
+    assert "tensor_model_parallel_size" not in out  # no recipe layout: the file's TP=2 stands
+    script = _sbatch(capsys, "--config", str(mine), "--executor", "slurm", "--container-image", IMAGE,
+                     "--mount", f"{tmp_path}:/cfg", "--mount", "/lustre/runs:/runs", "--nodes", "2",
+                     "--dryrun", "--", "run.output_dir=/runs/mine")
+    assert "--config /cfg/mine.yaml" in script and "#SBATCH --nodes=2" in script
+    assert "--nnodes 2 --nproc-per-node 8" in script
+
+
+def test_memory_warning_without_strict(capsys) -> None:
+    argv = ["--recipe", "qwen2.5-72b", *SLURM, "--nodes", "1", "--", "parallel.pipeline_model_parallel_size=1",
+            *GPU_PATHS]
+    assert cli.main(argv) == 0  # without --strict the script is still printed ...
+    captured = capsys.readouterr()
+    assert "#SBATCH --nodes=1" in captured.out
+    assert "warning: qwen2.5-72b at TP8 x PP1 x DP1 does not fit" in captured.err  # ... with the warning

@@ -36,7 +36,7 @@ def test_train_args_carry_config_and_layout() -> None:
     assert args == ["train", "--config", "/opt/code/examples/qwen2.5-math-7b_trapo.yaml",
                     "--config", "/opt/code/examples/qwen2.5-72b_trapo.yaml",
                     "parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=4",
-                    "optimizer.lr=1e-6"]
+                    "checkpoint.resume=true", "optimizer.lr=1e-6"]  # launched runs resume; an override wins
     assert task_args(r, TASKS["eval"], "/x", ["--k", "4"]) == ["eval", "--k", "4"]
 
 

@@ -150,3 +150,18 @@ def test_tiny_preset_is_the_demo_model() -> None:
     # the vocabulary follows the demo tokenizer as it evolves; the transformer's shape is what matters here
     same = dataclasses.replace(demo, vocab_size=PRESETS["tiny"].vocab_size)
     assert same == PRESETS["tiny"], "update PRESETS['tiny'] to the demo model's shape"
+
+
+def test_rollout_memory_follows_the_configured_offload() -> None:
+    """Nothing is assumed offloaded: the rollout phase holds what engine.offload_during_rollout leaves."""
+    spec, lay = PRESETS["qwen2.5-32b"], Layout(tp=4, pp=4, dp=2)
+    by_mode = {mode: stage_memory(spec, PlanConfig(num_gpus=32, offload_during_rollout=mode), lay, 0)
+               for mode in ("none", "grads", "grads+optimizer")}
+    none, grads, both = by_mode["none"], by_mode["grads"], by_mode["grads+optimizer"]
+    engine = none.vllm_weights + none.kv_cache
+    assert none.rollout == none.weights + none.grads + none.optimizer + engine
+    assert grads.rollout == none.rollout - none.grads
+    assert both.rollout == none.weights + engine
+    assert PlanConfig().offload_during_rollout == "none"
+    with pytest.raises(ValueError, match="offload_during_rollout"):
+        PlanConfig(offload_during_rollout="all")

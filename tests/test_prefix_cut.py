@@ -41,7 +41,7 @@ def test_cut_index_table(n, ratio, positions, window, expected):
 def test_think_text():
     assert think_text("<think>\nA.\n\nB.\n</think>\n\nSo \\boxed{1}.") == "A.\n\nB."
     assert think_text("no tags \\boxed{2}") == "no tags \\boxed{2}"
-    assert think_text("<think>\ncut at the limit") == "cut at the limit"
+    assert think_text("<think>\ncut at the limit ") == "<think>\ncut at the limit"  # as the official code
 
 
 def test_paper_cut_is_ceil_of_ratio(tok, expert):

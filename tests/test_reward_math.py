@@ -1,12 +1,14 @@
 """math-verify rewards in the process pool: real answer pairs, adversarial strings, timeouts, crashes."""
 
 import os
+import random
 import signal
 import time
 
 import pytest
 
 from trapo_megatron.reward import MathRewardPool, RewardConfig, last_boxed, math_reward
+from trapo_megatron.reward.math_reward import GRADERS, grade
 
 # (response, gold, expected reward)
 PAIRS = [
@@ -18,23 +20,13 @@ PAIRS = [
     ("The answer is $\\boxed{[-2, 2]}$", "(-2, 2)", 0.0),  # closed vs open interval
     ("7+5+0=12;4+8+1=13;3+2+1=06;\\boxed{632}", "632", 1.0),  # the toy task
     ("7+5+0=12;4+8+1=13;3+2+1=06;\\boxed{633}", "632", 0.0),
-    ("first \\boxed{3}, corrected: \\boxed{4}", "4", 1.0),  # the LAST box counts
-    ("first \\boxed{4}, corrected: \\boxed{3}", "4", 0.0),
+    ("first \\boxed{3}. Corrected: \\boxed{4}", "4", 1.0),  # the LAST box counts
+    ("first \\boxed{4}. Corrected: \\boxed{3}", "4", 0.0),
     ("$x = \\boxed{2\\sqrt{2}}$", "\\sqrt{8}", 1.0),
     ("The area is 21.", "21", 1.0),  # no box: the parsed answer
     ("I do not know.", "21", 0.0),
     ("\\boxed{12}", "12.0", 1.0),
 ]
-
-ADVERSARIAL = [
-    ("huge", "1" * 300_000, "1"),
-    ("unbalanced braces", "\\boxed{" * 20_000 + "1", "1"),
-    ("closing braces", "}" * 50_000 + "\\boxed{2}" + "{" * 50_000, "2"),
-    ("tower of exponents", "\\boxed{9^{9^{9^{9^{9^{9}}}}}}", "1"),
-    ("factorial tower", "\\boxed{(2^{2^{100000}})!}", "3"),
-    ("deep nesting", "\\boxed{" + "\\frac{1}{" * 400 + "2" + "}" * 801, "1"),
-]
-
 
 def test_last_boxed():
     assert last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
@@ -50,24 +42,112 @@ def pool():
         yield p
 
 
-@pytest.fixture(scope="module")
-def tight_pool():
-    """Short limits for the adversarial strings (its workers fork from the same preloaded fork server)."""
-    with MathRewardPool(RewardConfig(num_workers=2, timeout_s=1.0, backstop_timeout_s=2.5)) as p:
-        yield p
-
-
 def test_real_answer_pairs(pool):
+    """The default mode ("full", the official reward) through the pool."""
+    assert pool.cfg.mode == "full"
     got = pool.score([r for r, _, _ in PAIRS], [g for _, g, _ in PAIRS])
     assert got == [e for _, _, e in PAIRS], [(p[0], p[2], g) for p, g in zip(PAIRS, got) if p[2] != g]
     assert pool.stats.num_timeouts == pool.stats.num_crashes == pool.stats.num_killed == 0
 
 
-@pytest.mark.parametrize("name,response,gold", ADVERSARIAL, ids=[a[0] for a in ADVERSARIAL])
-def test_adversarial_returns_within_the_timeout(tight_pool, name, response, gold):
-    t0 = time.monotonic()
-    assert tight_pool.score([response], [gold])[0] in (0.0, 1.0)
-    assert time.monotonic() - t0 < tight_pool.cfg.backstop_timeout_s + 1.0, name
+@pytest.mark.parametrize("mode", sorted(GRADERS))
+def test_every_mode_grades_short_answers_alike(mode):
+    assert [grade(r, g, mode=mode) for r, g, _ in PAIRS] == [e for _, _, e in PAIRS]
+
+
+# (response, gold, full, last_boxed): where the official full-response reward and the last-boxed tail differ
+MODES_DISAGREE = [
+    ("\\boxed{7} " + "and some more words to close. " * 200, "7", 1.0, 0.0),  # the box is out of the tail
+    ("I think it is $\\frac{1}{2}$, the final answer is 0.5 \\boxed{}", "\\frac12", 1.0, 0.0),  # an empty box
+    ("first \\boxed{3}, corrected: \\boxed{4}", "4", 0.0, 1.0),  # math-verify reads "boxes, boxes" as a set
+]
+
+
+@pytest.mark.parametrize("response,gold,full,boxed", MODES_DISAGREE)
+def test_full_and_last_boxed_disagree(response, gold, full, boxed):
+    assert grade(response, gold, mode="full") == full
+    assert grade(response, gold, mode="last_boxed", max_response_chars=4000) == boxed
+
+
+# ------------------------------------------------------------------------------ 1,000 adversarial answers
+# Golds are numbers whose digits never occur in the junk, so a wrong answer cannot be right by accident.
+_JUNK = "".join(chr(c) for c in range(256) if not chr(c).isdigit() and chr(c) not in "²³¹¼½¾")
+_WORDS = ["so", "we", "check", "the", "work", "again", "and", "again", "without", "any", "new", "value", "here"]
+
+
+def _prose(rng: random.Random, num_chars: int) -> str:
+    out, n = [], 0
+    while n < num_chars:
+        w = rng.choice(_WORDS)
+        out.append(w)
+        n += len(w) + 1
+    return " ".join(out)
+
+
+def _adversarial(rng: random.Random) -> tuple[str, str, str, float | None]:
+    """(kind, response, gold, expected): expected 1.0 (correct, must score 1), 0.0 (wrong, must score 0)."""
+    gold = str(rng.randint(1000, 99999))
+    wrong = str(int(gold) + rng.randint(1, 50))
+    kind = rng.choices(
+        ["tail", "early", "fraction", "corrected_wrong", "gold_mentioned", "huge", "unbalanced", "closing",
+         "tower", "factorial", "nesting", "junk", "junk_boxed", "dollars"],
+        weights=[20, 20, 8, 10, 8, 4, 3, 4, 1.5, 1, 1.5, 10, 6, 3])[0]
+    if kind == "tail":  # a correct answer followed by a long tail (what a cut-at-the-end reward loses)
+        return kind, f"The answer is $\\boxed{{{gold}}}$. " + _prose(rng, rng.randint(100, 60_000)), gold, 1.0
+    if kind == "early":  # a correct answer early in a long text
+        text = _prose(rng, rng.randint(100, 40_000)) + f" \\boxed{{{gold}}} " + _prose(rng, rng.randint(0, 40_000))
+        return kind, text, gold, 1.0
+    if kind == "fraction":  # an equivalent form
+        return kind, _prose(rng, rng.randint(0, 20_000)) + f" \\boxed{{\\frac{{{2 * int(gold)}}}{{2}}}}", gold, 1.0
+    if kind == "corrected_wrong":  # right first, then corrected to a wrong value: the last answer counts
+        return kind, f"\\boxed{{{gold}}} " + _prose(rng, rng.randint(0, 20_000)) + f" \\boxed{{{wrong}}}", gold, 0.0
+    if kind == "gold_mentioned":
+        return kind, f"It is not ${gold}$. " + _prose(rng, rng.randint(0, 20_000)) + f" \\boxed{{{wrong}}}", gold, 0.0
+    if kind == "huge":
+        return kind, rng.choice("0x") * rng.randint(100_000, 1_000_000), gold, 0.0
+    if kind == "unbalanced":
+        return kind, "\\boxed{" * rng.randint(1_000, 5_000) + wrong, gold, 0.0
+    if kind == "closing":
+        n = rng.randint(1_000, 60_000)
+        return kind, "}" * n + f"\\boxed{{{wrong}}}" + "{" * n, gold, 0.0
+    if kind == "tower":
+        return kind, "\\boxed{" + "9^{" * rng.randint(4, 12) + "9" + "}" * 13, gold, 0.0
+    if kind == "factorial":
+        return kind, f"\\boxed{{(2^{{2^{{{rng.randint(1000, 100_000)}}}}})!}}", gold, 0.0
+    if kind == "nesting":
+        depth = rng.randint(100, 500)
+        return kind, "\\boxed{" + "\\frac{1}{" * depth + "2" + "}" * (2 * depth + 1), gold, 0.0
+    if kind == "junk":  # binary junk
+        return kind, "".join(rng.choices(_JUNK, k=rng.randint(10, 50_000))), gold, 0.0
+    if kind == "junk_boxed":  # junk inside and around a box
+        junk = "".join(rng.choices(_JUNK, k=rng.randint(10, 5_000)))
+        return kind, junk + "\\boxed{" + junk[: rng.randint(0, 200)] + "}" + junk, gold, 0.0
+    n = rng.randint(1_000, 50_000)  # dollars: unbalanced math delimiters
+    return kind, "$" * n + "\\frac{" * rng.randint(0, 500) + wrong, gold, 0.0
+
+
+def test_1000_adversarial_answers():
+    """Zero hangs, each answer within the timeout + a small margin, nothing wrong scores 1 and no correct
+    answer scores 0. Figures (answers tried, worst time) are printed for the README."""
+    rng = random.Random(20261201)
+    cases = [_adversarial(rng) for _ in range(1000)]
+    cfg = RewardConfig(num_workers=2, timeout_s=1.0, backstop_timeout_s=2.0)
+    with MathRewardPool(cfg) as pool:
+        t0 = time.monotonic()
+        got = pool.score([c[1] for c in cases], [c[2] for c in cases])
+        wall = time.monotonic() - t0
+        seconds, stats = pool.item_seconds, pool.stats
+    wrong = [(c[0], c[1][:80], c[2], g) for c, g in zip(cases, got) if g != c[3]]
+    assert not wrong, wrong[:10]
+    worst = max(range(len(cases)), key=seconds.__getitem__)
+    kinds = sorted({c[0] for c in cases})
+    print(f"\n1,000 adversarial answers ({len(kinds)} kinds) in {wall:.1f} s; worst {seconds[worst]:.2f} s "
+          f"({cases[worst][0]}); timeouts {stats.num_timeouts}, killed {stats.num_killed}, "
+          f"errors {stats.num_errors}, crashes {stats.num_crashes}")
+    # The bound is the backstop (a regex in C can hold off the per-item alarm); the margin covers killing and
+    # replacing a worker on a loaded 2-core machine (2.54 s seen at load 15), not a hang.
+    assert seconds[worst] <= cfg.backstop_timeout_s + 1.5, (cases[worst][0], seconds[worst])
+    assert sum(c[3] == 1.0 for c in cases) >= 300 and len(kinds) == 14
 
 
 def test_several_items_keep_input_order(pool):
@@ -120,9 +200,10 @@ def test_hang_and_crash_score_zero_and_are_counted():
 @pytest.mark.parametrize(
     "kwargs,knob",
     [
-        (dict(num_workers=0), "reward.num_workers"),
-        (dict(timeout_s=5, backstop_timeout_s=5), "reward.backstop_timeout_s"),
-        (dict(start_method="fork"), "reward.start_method"),
+        ({"num_workers": 0}, "reward.num_workers"),
+        ({"timeout_s": 5, "backstop_timeout_s": 5}, "reward.backstop_timeout_s"),
+        ({"start_method": "fork"}, "reward.start_method"),
+        ({"mode": "boxed"}, "reward.mode"),
     ],
 )
 def test_config_errors(kwargs, knob):

@@ -16,6 +16,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trapo_megatron.train_cli", "run TRAPO training from a YAML config (torchrun for several ranks)"),
     "demo": ("trapo_megatron.demo", "run the embedded CPU demo: TRAPO on 3-digit addition, TP=2 over gloo"),
+    "data": ("trapo_megatron.data.cli", "inspect a data file: its fields, a parsed example, the load report"),
     "config": ("trapo_megatron.config_cli", "show every config field with its type, default and meaning"),
     "plot": ("trapo_megatron.plot", "draw the training curves of a run directory to a PNG"),
     "convert": ("trapo_megatron.convert.cli", "convert checkpoints: hf-to-mcore, mcore-to-hf"),

@@ -74,4 +74,4 @@ def train(cfg, resume: bool = False) -> dict:
     try:
         return trainer.fit()
     finally:
-        trainer.ctx.close()
+        trainer.run.close()

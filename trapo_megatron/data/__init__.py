@@ -18,19 +18,19 @@ from trapo_megatron.data.prompts import (
 )
 
 __all__ = [
+    "PAPER_INSTRUCTION",
+    "PAPER_SYSTEM",
     "BadRowError",
     "DataConfig",
     "Example",
     "LoadStats",
+    "PromptConfig",
     "build_examples",
-    "load_examples",
     "cut_index",
     "cut_prefix",
-    "paragraph_token_ids",
-    "think_text",
-    "PAPER_INSTRUCTION",
-    "PAPER_SYSTEM",
-    "PromptConfig",
     "encode_prompt",
+    "load_examples",
+    "paragraph_token_ids",
     "prompt_text",
+    "think_text",
 ]

@@ -13,7 +13,7 @@ trainer puts SFT loss on are the same tokens, and the continuation starts exactl
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from trapo_megatron.algo.micro_groups import MicroGroupConfig, cut_length
 
@@ -23,13 +23,10 @@ _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
 def think_text(solution: str) -> str:
-    """The text inside <think>...</think> (the official expert text); after an unclosed <think> (a trace cut
-    at its length limit), the rest; without a tag, the solution as is."""
+    """The official expert text (trapo_src/rl_dataset_with_target.py): the stripped text inside the first
+    <think>...</think>; without a closed pair, the whole stripped solution."""
     m = _THINK_RE.search(solution)
-    if m:
-        return m.group(1).strip()
-    _, tag, rest = solution.partition("<think>")
-    return rest.strip() if tag else solution
+    return m.group(1).strip() if m else solution.strip()
 
 
 def paragraph_token_ids(tokenizer) -> frozenset[int]:

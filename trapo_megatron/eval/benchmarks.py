@@ -1,16 +1,20 @@
 """Local benchmark files in the formats the usual math suites ship, read into one item type.
 
-Each format is a row of FORMATS: where the problem and the gold answer live, and how to get the answer out
-of that column. Files are .jsonl, .json (a list of rows) or .parquet, read offline.
+Each format is a row of FORMATS: where the problem and the gold answer live (field paths, as in
+data/dataset.py: "prompt[-1].content"), and how to get the answer out of that field. Files are .jsonl,
+.json (a list of rows) or .parquet, read offline. "verl" is the official TRAPO/LUFFY eval layout
+(data/valid.*.parquet); rows repeating a problem (AIME, AIME25 and AMC there hold each problem 32 times) are
+merged into one item whose ``repeats`` counts them: each row is one sample of that problem.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from trapo_megatron.data.dataset import BadRowError, resolve
 from trapo_megatron.reward.math_reward import last_boxed
 
 
@@ -44,12 +48,12 @@ def _first_of_list(value: object) -> str:
 @dataclass(frozen=True)
 class Format:
     problem: str
-    """Column holding the problem statement."""
+    """Field path of the problem statement."""
     answer: str
-    """Column holding the gold answer (or the solution it is extracted from)."""
+    """Field path of the gold answer (or of the solution it is extracted from)."""
     extract: Callable[[object], str]
     """Turns the answer column into the gold answer string math-verify compares with."""
-    id_fields: tuple[str, ...] = ("unique_id", "id", "idx")
+    id_fields: tuple[str, ...] = ("unique_id", "id", "idx", "extra_info.index")
     """Columns tried in turn for a stable item id (the row number otherwise)."""
 
 
@@ -59,10 +63,13 @@ FORMATS: dict[str, Format] = {
     "amc": Format(problem="problem", answer="answer", extract=_number),
     "minerva": Format(problem="problem", answer="solution", extract=_boxed_in_solution),
     "olympiadbench": Format(problem="question", answer="final_answer", extract=_first_of_list),
+    "flat": Format(problem="problem", answer="answer", extract=_number),
+    "verl": Format(problem="prompt[-1].content", answer="reward_model.ground_truth", extract=_text),
 }
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "eval_sample"
-"""The shipped sample: one small file per format, named ``<format>.jsonl``."""
+"""The shipped sample: one small file per benchmark format, named ``<format>.jsonl``."""
+SAMPLE_FORMATS = ("math500", "aime", "amc", "minerva", "olympiadbench")
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,8 @@ class Item:
     id: str
     problem: str
     gold: str
+    repeats: int = 1
+    """Rows of the file holding this problem (each row is one sample of it: official AIME files repeat 32x)."""
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -92,27 +101,42 @@ def read_rows(path: str | Path) -> list[dict]:
     raise ValueError(f"{path}: unsupported benchmark file type {path.suffix!r} (.jsonl, .json, .parquet)")
 
 
-def load_benchmark(path: str | Path, fmt: str, name: str | None = None) -> list[Item]:
-    """Items of one benchmark file in format ``fmt`` (a key of FORMATS).
+def load_benchmark(path: str | Path, fmt: str, name: str | None = None, columns: dict[str, str] | None = None,
+                   ) -> list[Item]:
+    """Items of one benchmark file in format ``fmt`` (a key of FORMATS), repeated rows merged.
 
-    Errors name the file, the row and the column."""
+    ``columns`` overrides the format's field paths ({"problem": ..., "answer": ...}).
+    Errors name the file, the row and the field."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown benchmark format {fmt!r}; choose one of {sorted(FORMATS)}")
+    unknown = sorted(set(columns or {}) - {"problem", "answer"})
+    if unknown:
+        raise ValueError(f"{path}: column overrides {unknown} unknown; use problem= and answer=")
     spec, name = FORMATS[fmt], name or fmt
-    items = []
+    spec = replace(spec, **(columns or {}))
+    merged: dict[tuple[str, str], Item] = {}
+    ids: set[str] = set()
     for i, row in enumerate(read_rows(path)):
-        for col in (spec.problem, spec.answer):
-            if col not in row:
-                raise ValueError(
-                    f"{path} row {i}: format {fmt!r} needs column {col!r}; row has {sorted(row)}"
-                )
         try:
-            gold = spec.extract(row[spec.answer])
+            problem, raw = resolve(i, row, spec.problem), resolve(i, row, spec.answer)
+        except BadRowError as e:
+            raise ValueError(f"{path} {e}") from None
+        for col, value in ((spec.problem, problem), (spec.answer, raw)):
+            if value is None:
+                raise ValueError(f"{path} row {i}: format {fmt!r} needs field {col!r}; row has {sorted(row)}")
+        try:
+            gold = spec.extract(raw)
         except ValueError as e:
             raise ValueError(f"{path} row {i} column {spec.answer!r}: {e}") from None
-        item_id = next((str(row[f]) for f in spec.id_fields if f in row), str(i))
-        items.append(Item(benchmark=name, id=item_id, problem=str(row[spec.problem]), gold=gold))
-    return items
+        key = (str(problem), gold)
+        if key in merged:
+            merged[key] = replace(merged[key], repeats=merged[key].repeats + 1)
+            continue
+        item_id = next((str(v) for f in spec.id_fields if (v := resolve(i, row, f)) is not None), str(i))
+        item_id = item_id if item_id not in ids else f"row{i}"
+        ids.add(item_id)
+        merged[key] = Item(benchmark=name, id=item_id, problem=str(problem), gold=gold)
+    return list(merged.values())
 
 
 def parse_data_arg(arg: str) -> tuple[str, str, Path]:
@@ -130,4 +154,4 @@ def parse_data_arg(arg: str) -> tuple[str, str, Path]:
 
 def sample_benchmarks() -> list[tuple[str, str, Path]]:
     """(name, format, path) of every shipped sample file."""
-    return [(fmt, fmt, SAMPLE_DIR / f"{fmt}.jsonl") for fmt in FORMATS]
+    return [(fmt, fmt, SAMPLE_DIR / f"{fmt}.jsonl") for fmt in SAMPLE_FORMATS]

@@ -3,7 +3,10 @@ experiment so that a failed task becomes a non-zero exit code.
 
 NeMo-Run facts this module is built on (0.11.1):
 - ``run.Script`` needs ``entrypoint="python"``; with ``m=True`` the path is a module.
-- A Torchrun launcher on a SlurmExecutor sets ntasks_per_node=1 and torchrun_nproc_per_node=<GPUs>.
+- A SlurmExecutor joins a Script's arguments unquoted into the sbatch script ($variables expand in the job);
+  without a container it runs ``srun --chdir <job dir>/code`` and rewrites every "/nemo_run" of the script.
+- Its sbatch script requeues itself after a non-zero exit while SLURM_RESTART_COUNT < TORCHX_MAX_RETRIES
+  (``retries``) and always submits with --requeue.
 - A failed task does not raise and ``Experiment.run`` returns normally: the status must be read after the
   experiment's context exits (it waits for the tasks there).
 - The local scheduler resolves ``torchrun`` and ``python`` on the PATH it is given: this interpreter's
@@ -21,6 +24,8 @@ from typing import Any
 
 import nemo_run as run
 
+from trapo_megatron.launch import slurm_jobs
+from trapo_megatron.launch.checks import SlurmSignal, parse_signal, parse_time
 from trapo_megatron.launch.recipes import (
     DEFAULT_ENV,
     IMAGE_CODE_DIR,
@@ -32,8 +37,7 @@ from trapo_megatron.launch.recipes import (
     task_args,
 )
 
-LOG_TAIL_LINES = 100
-"""Lines of a failed local task's log echoed to stderr."""
+LOG_TAIL_LINES = slurm_jobs.LOG_TAIL_LINES
 
 
 def script_task(task: Task, args: list[str], env: dict[str, str] | None = None) -> run.Script:
@@ -54,51 +58,107 @@ def local_executor(task: Task, recipe: Recipe, nproc_per_node: int | None = None
     return run.LocalExecutor(ntasks_per_node=nproc, launcher="torchrun", env_vars=env_vars)
 
 
-def slurm_executor(task: Task, recipe: Recipe, cluster: ClusterSettings) -> run.SlurmExecutor:
-    """A Slurm job: the recipe's nodes (one node for single-process tasks), torchrun over the GPUs of every
-    node, in the container, with the mounts and environment."""
-    if not cluster.account:
-        raise ValueError("--account is required for --executor slurm")
-    if not cluster.container_image:
-        raise ValueError("--container-image is required for --executor slurm (build it from the Dockerfile)")
-    gpus = cluster.gpus_per_node or recipe.gpus_per_node
-    nodes = (cluster.nodes or recipe.nodes) if task.distributed else 1
-    job_dir = cluster.job_dir or os.path.join(os.environ.get("NEMORUN_HOME", "~/.nemo_run"), "slurm")
+def tunnel(cluster: ClusterSettings) -> Any:
+    """Where sbatch runs. A LocalTunnel's job_dir must be where NeMo-Run writes the sbatch script
+    (NEMORUN_HOME/experiments): it copies nothing and submits ``tunnel.job_dir/<job>_sbatch.sh``
+    (run/torchx_backend/schedulers/slurm.py, schedule; NVIDIA-NeMo/Run#299). An SSHTunnel rsyncs the
+    experiment into its job_dir first."""
     if cluster.ssh:
         user, _, host = cluster.ssh.rpartition("@")
-        tunnel: Any = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=job_dir)
-    else:
-        tunnel = run.LocalTunnel(job_dir=job_dir)
-    executor = run.SlurmExecutor(
-        account=cluster.account, partition=cluster.partition, time=cluster.time or recipe.time,
-        nodes=nodes, ntasks_per_node=gpus if task.distributed else 1, gpus_per_node=gpus or None,
-        container_image=cluster.container_image, container_mounts=list(cluster.mounts),
-        env_vars={**DEFAULT_ENV, **cluster.env}, tunnel=tunnel,
+        return run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=cluster.job_dir)
+    if cluster.job_dir:
+        run.config.set_nemorun_home(cluster.job_dir)
+    return run.LocalTunnel(job_dir=os.path.join(os.path.abspath(run.config.get_nemorun_home()), "experiments"))
+
+
+def slurm_layout(task: Task, recipe: Recipe, cluster: ClusterSettings) -> tuple[int, int, int]:
+    """(nodes, GPUs per node, ranks per node) of the job: one node for single-process tasks; CPU recipes
+    (0 GPUs) run their processes per node on CPUs."""
+    gpus = cluster.gpus_per_node or recipe.gpus_per_node
+    nodes = (cluster.nodes or recipe.nodes) if task.distributed else 1
+    return nodes, gpus, (gpus or recipe.nproc_per_node) if task.distributed else 1
+
+
+def slurm_task(task: Task, args: list[str], recipe: Recipe, cluster: ClusterSettings,
+               stop_signal: SlurmSignal | None) -> run.Script:
+    """The job's command. Distributed tasks run torchrun through :mod:`trapo_megatron.launch.agent`, one per
+    node (rendezvous on the first node), so that the stop signals reach the trainer and not torchrun."""
+    python = cluster.python or ("python" if cluster.container_image else sys.executable)
+    if not task.distributed:
+        return run.Script(path=task.module, m=True, entrypoint=python, args=list(args))
+    nodes, _, per_node = slurm_layout(task, recipe, cluster)
+    # nemo-run joins the arguments unquoted into the sbatch script: $variables expand in the job
+    endpoint = "localhost:0" if nodes == 1 else f"${run.SlurmExecutor.HEAD_NODE_IP_VAR}:29500"
+    agent = [f"--stop-signal={stop_signal.name}"] if stop_signal and task.stops_on_signal else []
+    torchrun = ["--nnodes", str(nodes), "--nproc-per-node", str(per_node), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", endpoint, "--rdzv-id", "$SLURM_JOB_ID", "--max-restarts", "0"]
+    return run.Script(path="trapo_megatron.launch.agent", m=True, entrypoint=python,
+                      args=[*agent, *torchrun, "-m", task.module, *args])
+
+
+def slurm_executor(task: Task, recipe: Recipe, cluster: ClusterSettings,
+                   stop_signal: SlurmSignal | None = None) -> run.SlurmExecutor:
+    """A Slurm job: the recipe's nodes (one node for single-process tasks), one task per node, the GPUs
+    (or CPUs) of every node, in the container when there is one, with the mounts, the environment, the
+    requeue budget and the warning signal."""
+    nodes, gpus, per_node = slurm_layout(task, recipe, cluster)
+    env = {**DEFAULT_ENV, **({} if gpus else {"OMP_NUM_THREADS": "1"}), **cluster.env}
+    extra = dict(cluster.additional_parameters)
+    # names only: the job inherits the values from sbatch's environment (--export=ALL), and stops at once
+    # when one is missing instead of hours later
+    setup = [f': "${{{name}:?not set where trapo launch ran (--env-from-host {name})}}"'
+             for name in cluster.env_from_host]
+    if cluster.env_from_host:
+        extra.setdefault("export", "ALL")
+    return run.SlurmExecutor(
+        account=cluster.account or None, partition=cluster.partition, qos=cluster.qos, gres=cluster.gres,
+        mem=cluster.mem, constraint=cluster.constraint, exclude=cluster.exclude,
+        time=cluster.time or recipe.time, nodes=nodes, ntasks_per_node=1, gpus_per_node=gpus or None,
+        cpus_per_task=None if gpus else per_node,
+        signal=stop_signal.sbatch_value() if stop_signal and task.stops_on_signal else None,
+        container_image=cluster.container_image or None, container_mounts=list(cluster.mounts),
+        container_env=list(cluster.container_env) or None, srun_args=list(cluster.srun_args) or None,
+        additional_parameters=extra or None, env_vars=env, tunnel=tunnel(cluster),
         packager=run.GitArchivePackager() if cluster.package_code else run.Packager(),
-        job_name_prefix="trapo-", exclusive=True if task.distributed else None,
+        job_name_prefix="trapo-", exclusive=True if task.distributed and gpus else None,
+        retries=cluster.retries, setup_lines="\n".join(setup) or None, dependency_type="afterany",
     )
-    if task.distributed:
-        executor.launcher = "torchrun"
-    return executor
 
 
 def recipe_task(recipe: str, task: str = "train", args: list[str] | None = None,
-                code_dir: str = IMAGE_CODE_DIR) -> run.Script:
-    """The NeMo-Run task of a recipe, for your own NeMo-Run scripts:
+                code_dir: str = IMAGE_CODE_DIR, cluster: ClusterSettings | None = None) -> run.Script:
+    """The NeMo-Run task of a recipe, for your own NeMo-Run scripts (``cluster``: the Slurm job's command,
+    torchrun through the stop-signal agent; None: ``python -m`` for a local torchrun executor):
 
-        task = recipe_task("qwen2.5-32b", args=["model.hf_path=/models/Qwen2.5-32B"])
-        executor = recipe_executor("qwen2.5-32b", cluster=ClusterSettings(account=..., container_image=...))
-        run.run(task, executor=executor)
+        cluster = ClusterSettings(account=..., container_image=...)
+        task = recipe_task("qwen2.5-32b", args=["model.hf_path=/models/Qwen2.5-32B"], cluster=cluster)
+        run.run(task, executor=recipe_executor("qwen2.5-32b", cluster=cluster))
     """
-    return script_task(TASKS[task], task_args(get_recipe(recipe), TASKS[task], code_dir, list(args or [])))
+    r, t = get_recipe(recipe), TASKS[task]
+    argv = task_args(r, t, code_dir, list(args or []))
+    if cluster is None:
+        return script_task(t, argv)
+    return slurm_task(t, argv, r, cluster, default_signal(cluster, r))
+
+
+def default_signal(cluster: ClusterSettings, recipe: Recipe) -> SlurmSignal | None:
+    return parse_signal(cluster.signal, parse_time(cluster.time or recipe.time))
 
 
 def recipe_executor(recipe: str, task: str = "train", cluster: ClusterSettings | None = None,
                     nproc_per_node: int | None = None) -> run.Executor:
     """The recipe's Slurm executor for ``cluster``; its local torchrun executor when ``cluster`` is None."""
+    r, t = get_recipe(recipe), TASKS[task]
     if cluster is None:
-        return local_executor(TASKS[task], get_recipe(recipe), nproc_per_node)
-    return slurm_executor(TASKS[task], get_recipe(recipe), cluster)
+        return local_executor(t, r, nproc_per_node)
+    return slurm_executor(t, r, cluster, default_signal(cluster, r))
+
+
+def _chained(exp: run.Experiment, task: run.Script, executor: run.Executor, name: str, chain: int) -> None:
+    """``chain`` copies of the job, each depending on the previous one (the executor's dependency_type)."""
+    for i in range(chain):
+        exp.add(task, executor=executor.clone() if i else executor, name=f"{name}-{i}" if chain > 1 else name,
+                tail_logs=False)
 
 
 def sbatch_script(task: run.Script, executor: run.SlurmExecutor, name: str) -> str:
@@ -109,6 +169,39 @@ def sbatch_script(task: run.Script, executor: run.SlurmExecutor, name: str) -> s
         exp.add(task, name=name)
         exp.dryrun(log=False)
         return exp.jobs[0]._dryrun_info.request.materialize()
+
+
+def run_slurm(task: run.Script, executor: run.SlurmExecutor, name: str, chain: int = 1,
+              detach: bool = False) -> int:
+    """Submit the job (``chain`` jobs, each after the previous ends), then follow them to the end.
+    0 when the last one completed (or all were submitted, detached); 1 otherwise, with the logs' tails."""
+    quiet = contextlib.redirect_stdout(sys.stderr)
+    with quiet, run.Experiment(name, executor=executor, log_level="WARN") as exp:
+        _chained(exp, task, executor, name, chain)
+        exp.run(sequential=chain > 1, detach=True)
+        jobs = [(job.handle.rstrip("/").split("/")[-1], job.executor) for job in exp.jobs]
+    via = jobs[0][1].tunnel
+
+    def sh(command: str) -> tuple[int, str]:
+        result = via.run(command, hide=True, warn=True)
+        return result.return_code, result.stdout
+
+    ids = [job_id for job_id, _ in jobs]
+    print(f"trapo launch: submitted job(s) {', '.join(ids)} (experiment {exp._id})", file=sys.stderr)
+    if detach:
+        return 0
+    infos = slurm_jobs.wait(sh, ids)
+    for info in infos:
+        reason = f", reason {info.reason}" if info.reason not in ("", "None") else ""
+        print(f"trapo launch: job {info.job_id} ended {info.state}, exit code {info.exit_code or '?'}, "
+              f"{info.restarts} restart(s){reason}", file=sys.stderr)
+    if infos[-1].succeeded:
+        return 0
+    for info, (job_id, ex) in zip(infos, jobs):
+        if not info.succeeded:
+            print(slurm_jobs.tail_logs(sh, os.path.join(ex.tunnel.job_dir, Path(ex.job_dir).name), job_id),
+                  file=sys.stderr)
+    return 1
 
 
 def run_experiment(task: run.Script, executor: run.Executor, name: str, detach: bool = False) -> int:

@@ -72,12 +72,15 @@ class Task:
     """Run under torchrun on every node (else one process on one node)."""
     uses_config: bool = False
     """Takes ``--config`` for each recipe config and the recipe's layout overrides."""
+    stops_on_signal: bool = False
+    """Catches Slurm's warning signal and SIGTERM, checkpoints and exits (the trainer); other tasks get no
+    warning signal (its default action would kill them)."""
     help: str = ""
 
 
 TASKS: dict[str, Task] = {
     "train": Task(module="trapo_megatron.cli", prefix=("train",), distributed=True, uses_config=True,
-                  help="trapo train --config <recipe configs> <layout overrides> <your overrides>"),
+                  stops_on_signal=True, help="trapo train --config <recipe configs> <layout overrides> <your overrides>"),
     "eval": Task(module="trapo_megatron.cli", prefix=("eval",), help="trapo eval <your args>"),
     "convert": Task(module="trapo_megatron.cli", prefix=("convert",), help="trapo convert <your args>"),
     "smoke": Task(module="trapo_megatron.launch.smoke", distributed=True,
@@ -101,13 +104,21 @@ DEFAULT_ENV: dict[str, str] = {
 }
 
 
-def task_args(recipe: Recipe, task: Task, code_dir: str, extra: list[str]) -> list[str]:
-    """Arguments after ``python -m <task.module>``."""
+RESUME = "checkpoint.resume=true"
+"""Launched runs resume from <run.output_dir>/checkpoints/latest when it exists (a requeued or chained job
+continues; a fresh run starts at step 0); an explicit override after it wins."""
+
+
+def task_args(recipe: Recipe | None, task: Task, code_dir: str, extra: list[str],
+              configs: tuple[str, ...] = ()) -> list[str]:
+    """Arguments after ``python -m <task.module>``: the recipe's configs (relative to ``code_dir``), then
+    ``configs`` (paths as the job sees them), the recipe's layout, resume on, then ``extra``."""
     args = list(task.prefix)
     if task.uses_config:
-        for config in recipe.configs:
+        recipe_configs = recipe.configs if recipe else ()
+        for config in (*recipe_configs, *configs):
             args += ["--config", config if config.startswith("/") else f"{code_dir.rstrip('/')}/{config}"]
-        args += recipe.overrides()
+        args += [*(recipe.overrides() if recipe else []), RESUME]
     return args + list(extra)
 
 
@@ -122,27 +133,56 @@ class ClusterSettings:
     """Where and how a Slurm job runs (the flags of `trapo launch --executor slurm`)."""
 
     account: str = ""
-    """Slurm account (required for Slurm)."""
+    """Slurm account; "": the cluster's default for you."""
     partition: str | None = None
     """Slurm partition."""
     time: str | None = None
-    """Wall-clock limit; the recipe's when None."""
+    """Wall-clock limit (Slurm --time formats); the recipe's when None."""
     nodes: int | None = None
     """Nodes; the recipe's when None."""
     gpus_per_node: int | None = None
     """GPUs per node; the recipe's when None."""
     container_image: str = ""
-    """Container image (enroot/pyxis), built from this repo's Dockerfile (required for Slurm)."""
+    """Container image (enroot/pyxis), built from this repo's Dockerfile; "": run on the node's own
+    filesystem with ``python`` (this checkout and this interpreter, on a shared filesystem)."""
     mounts: list[str] = field(default_factory=list)
     """SRC:DST container mounts (data, models, checkpoints)."""
     env: dict[str, str] = field(default_factory=dict)
-    """Extra environment, over DEFAULT_ENV."""
+    """Extra environment, over DEFAULT_ENV, written into the sbatch script."""
+    env_from_host: list[str] = field(default_factory=list)
+    """Names of variables (tokens, keys) the job inherits from the submitting environment at submission
+    (sbatch --export=ALL); their values are never written into the script."""
     job_dir: str = ""
-    """Where NeMo-Run keeps the job's scripts and logs on the cluster."""
+    """Where NeMo-Run keeps the job's scripts and logs on the cluster; "": NEMORUN_HOME/experiments here
+    (required with ``ssh``: an absolute path on the cluster)."""
     ssh: str | None = None
     """user@host of the login node when launching from elsewhere; None: sbatch runs here."""
     package_code: bool = False
     """Ship the checkout (git archive of HEAD) with the job instead of using the image's copy."""
+    python: str = ""
+    """The job's interpreter; "": ``python`` in a container, this interpreter without one."""
+    qos: str | None = None
+    """Slurm QOS."""
+    gres: str | None = None
+    """Slurm generic resources, e.g. gpu:8 (clusters that want --gres instead of --gpus-per-node)."""
+    mem: str | None = None
+    """Memory per node, e.g. 0 (all) or 1500G."""
+    constraint: str | None = None
+    """Node features, e.g. h100."""
+    exclude: str | None = None
+    """Nodes to avoid, e.g. node[01-03]."""
+    srun_args: list[str] = field(default_factory=list)
+    """Extra srun arguments for the training step, e.g. --mpi=pmix."""
+    container_env: list[str] = field(default_factory=list)
+    """Variable names passed into the container (pyxis --container-env)."""
+    additional_parameters: dict[str, str] = field(default_factory=dict)
+    """Any other #SBATCH flag, name -> value, e.g. mail-type=END."""
+    retries: int = 0
+    """Times the job requeues itself after a failed or stopped attempt (nemo-run's TORCHX_MAX_RETRIES)."""
+    signal: str = "USR1@300"
+    """Warning before the time limit (sbatch --signal): the trainer checkpoints and exits; "" for none."""
+    chain: int = 1
+    """Jobs in a dependency chain (afterany): each starts when the previous ends and resumes the run."""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node"):
@@ -152,3 +192,22 @@ class ClusterSettings:
         for m in self.mounts:
             if ":" not in m:
                 raise ValueError(f"--mount {m!r} must look like SRC:DST")
+        if self.retries < 0 or self.chain < 1:
+            raise ValueError(f"--retries must be >= 0 and --chain >= 1, got {self.retries} and {self.chain}")
+        for name in ("job_dir", "python"):
+            value = getattr(self, name)
+            if value and (value.startswith("~") or (not value.startswith("/") and (name == "job_dir" or "/" in value))):
+                raise ValueError(f"--{name.replace('_', '-')} {value!r} must be an absolute path (Slurm does not "
+                                 "expand ~ or resolve relative paths)")
+        if not self.container_image and "/nemo_run" in self.job_dir:
+            # without a container NeMo-Run 0.11.1 rewrites every "/nemo_run" of the sbatch script into the job
+            # directory (core/execution/slurm.py, SlurmBatchRequest.materialize): such a path would break
+            raise ValueError(f"--job-dir {self.job_dir!r} contains '/nemo_run', which NeMo-Run rewrites in "
+                             "scripts without a container; choose another directory")
+        if self.ssh and not self.job_dir:
+            raise ValueError("--ssh needs --job-dir: an absolute directory on the cluster for the job's files")
+
+    @property
+    def mount_targets(self) -> list[str]:
+        """Container paths of the mounts."""
+        return [m.split(":")[1] for m in self.mounts]

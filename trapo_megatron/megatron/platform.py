@@ -12,15 +12,22 @@ CUDA calls are answered on the CPU. That layer lives here and nowhere else:
 - scoped, by :func:`cuda_literals_on_cpu` around the megatron calls that hard-code ``device="cuda"``
   (the pipeline schedules, the optimizer build/step, gradient clipping) and compare
   ``param.grad.type()`` with ``'torch.cuda.FloatTensor'``.
+
+Strict collectives (``TRAPO_STRICT_COLLECTIVES=1``, on for the whole test suite): NCCL serves only tensors on
+the device, so a host tensor reaching a Megatron group crashes the first GPU step. On the CPU both kinds of
+tensor live in the same memory, so strict mode tells them apart by where they were born (see
+:class:`_HostTensorTracker`) and checks every torch.distributed collective (:func:`_check_collective`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import random
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,6 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+STRICT_ENV = "TRAPO_STRICT_COLLECTIVES"
+"""Environment switch of strict collectives ("1": on); inherited by spawned and torchrun'd workers."""
 
 
 @dataclass(kw_only=True)
@@ -71,8 +82,19 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def strict_collectives() -> bool:
+    """Whether a host tensor reaching a device group's collective raises (see the module docstring)."""
+    return os.environ.get(STRICT_ENV, "0") == "1"
+
+
+def to_device(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on :func:`device` (a copy when it lives elsewhere): what a collective on a Megatron group needs."""
+    return t.to(device())
+
+
 _host_group: Any = None
-"""A gloo group over the whole world when the default backend is NCCL (None: the default group is gloo)."""
+"""A gloo group over the whole world when the default backend is NCCL or strict collectives are on (None: the
+default group is gloo and serves host tensors)."""
 
 
 def host_group() -> Any:
@@ -101,11 +123,14 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     global _host_group
-    if _host_group is None and dist.get_backend() != "gloo":
+    if _host_group is None and (dist.get_backend() != "gloo" or strict_collectives()):
+        # Under strict mode the CPU run mirrors the GPU one: WORLD is a device group, host tensors go here.
         _host_group = dist.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
     parallel.data_parallel_size(dist.get_world_size())  # validates the layout, names the knobs
     if not cuda_available():
         _install_cpu_compat()
+        if strict_collectives():
+            _install_strict_collectives()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -126,6 +151,7 @@ def destroy() -> None:
     _host_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
+    _remove_strict_collectives()
     _remove_cpu_compat()
 
 
@@ -258,3 +284,156 @@ def _is_cuda(dev: Any) -> bool:
 def cuda_literals_on_cpu() -> contextlib.AbstractContextManager:
     """Scope for megatron calls that hard-code CUDA devices; a no-op when CUDA is available."""
     return contextlib.nullcontext() if cuda_available() else _CudaLiteralsOnCpu()
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict collectives (CPU only: on a GPU, NCCL itself rejects host tensors)
+# --------------------------------------------------------------------------------------------------
+
+_HOST = "_trapo_host_tensor"
+"""Attribute set on tensors that would live in host memory on a GPU machine."""
+
+_HOST_FACTORIES = {
+    torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange,
+    torch.rand, torch.randn, torch.randint, torch.randperm, torch.linspace, torch.eye, torch.from_numpy,
+    torch.scalar_tensor,
+}
+_LIKE_FACTORIES = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+                   torch.randn_like, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty,
+                   torch.Tensor.new_full, torch.Tensor.new_tensor}
+
+
+def is_host_tensor(t: torch.Tensor) -> bool:
+    """Strict mode: whether ``t`` would be a host (CPU) tensor on a GPU machine."""
+    return getattr(t, _HOST, False)
+
+
+def _is_host(a: Any) -> bool:
+    return isinstance(a, torch.Tensor) and getattr(a, _HOST, False)
+
+
+def _tensors(args: Any) -> list[torch.Tensor]:
+    return [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
+
+
+class _HostTensorTracker(TorchFunctionMode):
+    """Marks the tensors that would be on the host on a GPU machine, as torch would place them there:
+
+    - a factory without ``device=`` (``torch.tensor(3.0)``, ``torch.zeros(n)``) and ``Tensor.cpu()`` give host
+      tensors; an explicit ``device=`` (``platform.device()``, a parameter's ``.device``, megatron's
+      ``torch.cuda.current_device()``), ``.to(device)`` and ``.cuda()`` give device tensors (where the CPU's
+      ``.to`` returns the tensor itself, a device alias of it is returned instead);
+    - ``*_like`` / ``new_*`` without ``device=`` and every other op follow their tensor inputs: the result is
+      a host tensor iff all its tensor inputs are (a 0-dim host scalar mixed into device math stays device).
+    Parameters, activations, gradients and megatron's buffers are therefore device tensors, as on a GPU.
+    Known blind spot: ``device="cpu"`` written explicitly counts as device (on this machine it is one).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.to or func is torch.Tensor.cuda:
+            moved = func is torch.Tensor.cuda or kwargs.get("device") is not None or any(
+                isinstance(a, (str, torch.device, int, torch.Tensor)) for a in args[1:])
+            if moved and out is args[0] and _is_host(out):
+                return out.view_as(out)  # on the CPU .to(device) returns the host tensor itself: a device alias
+            if _is_host(args[0]) and not moved:
+                setattr(out, _HOST, True)
+            return out
+        if func is torch.Tensor.cpu:
+            out = out.view_as(out) if out is args[0] and not _is_host(out) else out  # a host alias of it
+            setattr(out, _HOST, True)
+            return out
+        if not isinstance(out, (torch.Tensor, tuple, list)) or (args and out is args[0]):
+            return out  # metadata queries, and in-place ops (the tensor keeps its place)
+        if func in _HOST_FACTORIES:
+            host = kwargs.get("device") is None
+        elif func in _LIKE_FACTORIES:
+            host = kwargs.get("device") is None and _is_host(args[0])
+        elif func is torch.Tensor.pin_memory:
+            host = True
+        else:
+            inputs = _tensors((args, kwargs))
+            host = bool(inputs) and all(getattr(t, _HOST, False) for t in inputs)
+        if host:
+            for t in _tensors(out):
+                setattr(t, _HOST, True)
+        return out
+
+
+_CHECKED_COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+    "reduce_scatter_tensor", "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter",
+    "send", "recv", "batch_isend_irecv",
+)  # not isend / irecv themselves: P2POp checks its op against them by identity (the batch is checked)
+_saved_collectives: dict[str, Callable] = {}
+_tracker: _HostTensorTracker | None = None
+
+
+def host_groups() -> list[Any]:
+    """Groups that serve host tensors on a GPU machine: :func:`host_group` and megatron's gloo groups."""
+    from megatron.core import parallel_state as ps
+
+    return [host_group(), *(v for k, v in vars(ps).items() if k.endswith("_GLOO") and v is not None)]
+
+
+def _call_site() -> str:
+    """The first frame outside torch and this module: the code that asked for the collective."""
+    here = os.path.dirname(torch.__file__)
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename.startswith(here) or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown>"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+
+def _check_collective(name: str, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+    bound = signature.bind(*args, **kwargs).arguments
+    if name == "batch_isend_irecv":
+        pairs = [(op.tensor, op.group) for op in bound["p2p_op_list"]]
+    else:
+        pairs = [(t, bound.get("group")) for t in _tensors([v for k, v in bound.items() if k != "group"])]
+    hosts = host_groups()
+    for t, group in pairs:
+        if is_host_tensor(t) and not any(group is g for g in hosts):
+            where = "the default (WORLD) group" if group is None else f"a device group of ranks " \
+                f"{dist.get_process_group_ranks(group)}"
+            raise RuntimeError(
+                f"strict collectives: dist.{name} got a host tensor {tuple(t.shape)} {t.dtype} on {where}, "
+                f"called from {_call_site()}. Device groups (NCCL on GPU) carry only tensors on "
+                f"platform.device() (platform.to_device(t)); host-side reductions use platform.host_group().")
+
+
+def _strict(name: str, fn: Callable) -> Callable:
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _check_collective(name, signature, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _install_strict_collectives() -> None:
+    global _tracker
+    if _tracker is not None:
+        return
+    for name in _CHECKED_COLLECTIVES:
+        fn = getattr(dist, name, None)
+        if fn is not None:
+            _saved_collectives[name] = fn
+            setattr(dist, name, _strict(name, fn))
+    _tracker = _HostTensorTracker()
+    _tracker.__enter__()
+
+
+def _remove_strict_collectives() -> None:
+    global _tracker
+    for name, fn in _saved_collectives.items():
+        setattr(dist, name, fn)
+    _saved_collectives.clear()
+    if _tracker is not None:
+        _tracker.__exit__(None, None, None)
+        _tracker = None

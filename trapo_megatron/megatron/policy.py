@@ -69,12 +69,11 @@ class MegatronPolicy:
         src = dist.get_global_rank(self.pp_group, dist.get_world_size(self.pp_group) - 1)
         dist.broadcast_object_list(keys, src=src, group=self.pp_group)
         names = keys[0]
-        if reported:
+        # On the device: PP and DP are NCCL groups on a GPU (the loss metrics already live there).
+        if reported and self.is_last_stage:
             local = torch.stack([torch.stack([r[k].float().reshape(()) for r in reported]).sum() for k in names])
         else:
-            local = torch.zeros(len(names))
-        if not self.is_last_stage:
-            local.zero_()
+            local = torch.zeros(len(names), device=platform.device())
         dist.all_reduce(local, group=self.pp_group)
         dist.all_reduce(local, group=self.dp_group)
         return {k: float(v) for k, v in zip(names, local.tolist())}

@@ -11,7 +11,17 @@ import json
 import sys
 from dataclasses import asdict
 
-from trapo_megatron.plan.memory import GIB, GPUS, PRECISIONS, Fit, Memory, PlanConfig, all_layouts, plan
+from trapo_megatron.plan.memory import (
+    GIB,
+    GPUS,
+    OFFLOAD_MODES,
+    PRECISIONS,
+    Fit,
+    Memory,
+    PlanConfig,
+    all_layouts,
+    plan,
+)
 from trapo_megatron.plan.model import PRESETS, ModelSpec, resolve_model, total_params
 
 
@@ -38,6 +48,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per rollout sequence in the KV cache (default: --seq-length)")
     parser.add_argument("--no-vllm", action="store_true", help="no colocated vLLM engine")
     parser.add_argument("--no-sleep-mode", action="store_true", help="vLLM keeps its memory while training")
+    parser.add_argument("--offload", default=d.offload_during_rollout, choices=OFFLOAD_MODES,
+                        help="training state in host memory while vLLM runs, as engine.offload_during_rollout "
+                             "(default %(default)s)")
     parser.add_argument("--no-distributed-optimizer", action="store_true",
                         help="optimizer states replicated on every DP rank")
     parser.add_argument("--reserve-gib", type=float, default=d.reserve_gib,
@@ -51,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
         gpu=args.gpu, num_gpus=args.num_gpus, gpus_per_node=min(args.gpus_per_node, args.num_gpus),
         precision=args.precision, micro_batch_size=args.micro_batch, seq_length=args.seq_length,
         rollout_tp=args.rollout_tp, rollout_seqs=args.rollout_seqs, rollout_len=args.rollout_len,
-        colocate_vllm=not args.no_vllm, sleep_mode=not args.no_sleep_mode,
+        colocate_vllm=not args.no_vllm, sleep_mode=not args.no_sleep_mode, offload_during_rollout=args.offload,
         distributed_optimizer=not args.no_distributed_optimizer, reserve_gib=args.reserve_gib,
     )
 

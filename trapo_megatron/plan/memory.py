@@ -14,18 +14,26 @@ flight on a stage. The last stage also holds fp32 logits and their gradient (2 x
 The colocated vLLM engine holds bf16 weights at the rollout TP and a KV cache of
 ``2 x layers x kv_heads_per_rank x head_dim x 2 bytes`` per token. With sleep mode the engine frees its
 memory while training runs, so the peak is the larger of the two phases; without it they add up. While
-vLLM generates, grads and optimizer states sit in host memory (``offload_during_rollout``).
+vLLM runs (weight sync and generation) the training state stays on the GPU except what
+``offload_during_rollout`` moves to host memory, exactly as the trainer's ``engine.offload_during_rollout``
+does (megatron/offload.py): "none", "grads" (the DDP grad buffer) or "grads+optimizer" (also the optimizer
+states). The bf16 weights always stay: they are the source of the weight sync.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from trapo_megatron.megatron import features
 from trapo_megatron.plan.model import ModelSpec, padded_vocab, stage_params, total_params
 
 GIB = 1024**3
+
+OffloadMode = Literal["none", "grads", "grads+optimizer"]
+"""What leaves the GPU while the engine runs (engine.offload_during_rollout; megatron/offload.py moves it)."""
+OFFLOAD_MODES = get_args(OffloadMode)
 
 # Usable memory per GPU in GiB (what nvidia-smi reports as total).
 GPUS: dict[str, float] = {
@@ -80,9 +88,9 @@ class PlanConfig:
     """Tokens per rollout sequence in the KV cache; None: seq_length."""
     sleep_mode: bool = True
     """vLLM releases weights and KV cache while training (enable_sleep_mode)."""
-    offload_during_rollout: bool = True
-    """Grads and optimizer states move to host memory while vLLM generates (what colocated Megatron RL
-    stacks do before a refit); the bf16 weights stay, they are the source of the weight sync."""
+    offload_during_rollout: OffloadMode = "none"
+    """What moves to host memory while vLLM runs: "none", "grads" or "grads+optimizer" (the trainer's
+    engine.offload_during_rollout); the weights stay, they are the source of the weight sync."""
     reserve_gib: float = 4.0
     """Held back per GPU for the CUDA context, NCCL buffers and allocator fragmentation."""
     vocab_divisor: int = 1
@@ -99,6 +107,9 @@ class PlanConfig:
             raise ValueError(
                 f"PlanConfig.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}"
             )
+        if self.offload_during_rollout not in OFFLOAD_MODES:
+            raise ValueError(f"PlanConfig.offload_during_rollout must be one of {list(OFFLOAD_MODES)}, got "
+                             f"{self.offload_during_rollout!r}")
         for f in ("num_gpus", "gpus_per_node", "micro_batch_size", "seq_length", "rollout_seqs"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"PlanConfig.{f} must be positive, got {getattr(self, f)}")
@@ -145,7 +156,7 @@ class Memory:
     """KV cache for rollout_seqs x rollout_len tokens."""
     kv_bytes_per_token: int
     sleep_mode: bool
-    offload_during_rollout: bool
+    offload_during_rollout: OffloadMode
 
     @property
     def static(self) -> int:
@@ -156,7 +167,9 @@ class Memory:
 
     @property
     def rollout(self) -> int:
-        resident = self.weights if self.offload_during_rollout else self.static
+        resident = self.weights
+        resident += 0 if self.offload_during_rollout in ("grads", "grads+optimizer") else self.grads
+        resident += 0 if self.offload_during_rollout == "grads+optimizer" else self.optimizer
         return resident + self.vllm_weights + self.kv_cache
 
     def peak(self, recompute: bool) -> int:

@@ -6,11 +6,18 @@ Why processes, and why this shape:
   So each worker owns a pipe, the parent knows which item each worker holds and since when, and a worker
   past the backstop is killed and replaced. A crashed worker is replaced the same way.
 - A timeout, a kill or a crash scores 0 and is counted (``stats``); it never stops training.
-- math-verify logs the whole input on a parse timeout: responses are cut to their tail before parsing
-  and its loggers are quieted in the workers.
+- math-verify logs the whole input on a parse timeout: its loggers are quieted in the workers (we pass
+  ``parsing_timeout=None`` and time items ourselves, so its own timeout never fires).
 
-Reward = 1.0 iff math-verify finds the LAST \\boxed{...} of the response (or, with no \\boxed, the answer it
-parses from the response tail) equal to the gold answer.
+Grading modes (``reward.mode``, one function each in GRADERS):
+- "full" (default; the official TRAPO/LUFFY reward, luffy_src/math_verify_reward.py): math-verify parses the
+  WHOLE decoded response and compares it with parse("$" + gold + "$"). Nothing is cut: the per-item timeout
+  and the backstop bound the time instead.
+- "last_boxed": only the last \\boxed{...} in the response's last ``max_response_chars`` characters (or, with
+  no box, what math-verify parses from that tail) counts.
+- "official_eval": the official evaluation script (eval_scripts/generate_vllm.py): the text after the first
+  "</think>" (the whole response without one) graded as "full"; when that fails, the boxed answer graded as
+  "last_boxed" (a stand-in for its fallback, oat's boxed grader, which is not a package).
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ import logging
 import multiprocessing as mp
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Literal
+from typing import Literal, Self
 
 _QUIET_LOGGERS = ("math_verify", "latex2sympy2_extended", "sympy")
 
@@ -30,6 +38,8 @@ _QUIET_LOGGERS = ("math_verify", "latex2sympy2_extended", "sympy")
 class RewardConfig:
     """The grading pool."""
 
+    mode: Literal["full", "last_boxed", "official_eval"] = "full"
+    """How a response is graded (module docstring): "full" is the official training reward."""
     num_workers: int = 4
     """Worker processes (each grades one item at a time)."""
     timeout_s: float = 5.0
@@ -37,7 +47,7 @@ class RewardConfig:
     backstop_timeout_s: float = 15.0
     """Per-item limit seen from the parent: a worker still busy after this long is killed and replaced."""
     max_response_chars: int = 4000
-    """Only the last this-many characters of a response are parsed (the answer is at the end)."""
+    """mode "last_boxed" only: the last this-many characters of a response are searched."""
     max_gold_chars: int = 1000
     """A longer gold answer is cut (golds are short; this only bounds a malformed row)."""
     start_method: Literal["forkserver", "spawn"] = "forkserver"
@@ -53,6 +63,8 @@ class RewardConfig:
                 f"reward.backstop_timeout_s ({self.backstop_timeout_s}) must exceed reward.timeout_s "
                 f"({self.timeout_s}) > 0"
             )
+        if self.mode not in GRADERS:
+            raise ValueError(f"reward.mode must be one of {sorted(GRADERS)}, got {self.mode!r}")
         if self.start_method not in ("forkserver", "spawn"):
             raise ValueError(
                 f"reward.start_method must be 'forkserver' or 'spawn', got {self.start_method!r}"
@@ -102,21 +114,62 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def grade(response: str, gold: str, *, max_response_chars: int = 4000, max_gold_chars: int = 1000) -> float:
-    """1.0 iff the response's last \\boxed{} (or parsed answer) equals ``gold`` per math-verify.
+def _parse(text: str) -> list:
+    """math-verify's parse with its own SIGALRM timeout off (the pool's worker times each item)."""
+    from math_verify import parse
 
-    No timeout here: run it under one (the pool does), as sympy can take unbounded time.
-    """
-    from math_verify import parse, verify
+    return parse(text, parsing_timeout=None)
 
-    tail = response[-max_response_chars:]
-    boxed = last_boxed(tail)
-    pred = parse(f"\\boxed{{{boxed}}}" if boxed is not None else tail, parsing_timeout=None)
-    gold = gold[:max_gold_chars]
-    gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=None) or parse(gold, parsing_timeout=None)
+
+def _verify(gold_parsed: list, pred: list) -> float:
+    from math_verify import verify
+
     if not pred or not gold_parsed:
         return 0.0
     return float(verify(gold_parsed, pred, timeout_seconds=None))
+
+
+def grade_full(response: str, gold: str, *, max_response_chars: int = 4000, max_gold_chars: int = 1000) -> float:
+    """The official reward: math-verify on the whole response against parse("$" + gold + "$").
+    ``max_response_chars`` is not used: nothing of the response is cut."""
+    return _verify(_parse(f"${gold[:max_gold_chars]}$"), _parse(response))
+
+
+def grade_last_boxed(response: str, gold: str, *, max_response_chars: int = 4000, max_gold_chars: int = 1000,
+                     ) -> float:
+    """1.0 iff the last \\boxed{} of the response tail (or the answer parsed from the tail) equals ``gold``."""
+    tail = response[-max_response_chars:]
+    boxed = last_boxed(tail)
+    pred = _parse(f"\\boxed{{{boxed}}}" if boxed is not None else tail)
+    gold = gold[:max_gold_chars]
+    return _verify(_parse(f"\\boxed{{{gold}}}") or _parse(gold), pred)
+
+
+def grade_official_eval(response: str, gold: str, *, max_response_chars: int = 4000, max_gold_chars: int = 1000,
+                        ) -> float:
+    """The official eval script: the answer part after "</think>" graded in full, then a boxed fallback."""
+    _, tag, after = response.partition("</think>")
+    answer = after.split("</think>")[0] if tag else response
+    if grade_full(answer, gold, max_gold_chars=max_gold_chars):
+        return 1.0
+    return grade_last_boxed(answer, gold, max_response_chars=max_response_chars, max_gold_chars=max_gold_chars)
+
+
+GRADERS: dict[str, Callable[..., float]] = {
+    "full": grade_full,
+    "last_boxed": grade_last_boxed,
+    "official_eval": grade_official_eval,
+}
+"""reward.mode -> grading function (response, gold, max_response_chars=, max_gold_chars=) -> 0.0 | 1.0."""
+
+
+def grade(response: str, gold: str, *, mode: str = "full", max_response_chars: int = 4000,
+          max_gold_chars: int = 1000) -> float:
+    """The reward of one response in ``mode`` (a key of GRADERS).
+
+    No timeout here: run it under one (the pool does), as sympy can take unbounded time.
+    """
+    return GRADERS[mode](response, gold, max_response_chars=max_response_chars, max_gold_chars=max_gold_chars)
 
 
 class _ItemTimeout(BaseException):
@@ -144,12 +197,8 @@ def _worker_main(conn: Connection, cfg: RewardConfig) -> None:
         try:
             try:
                 signal.setitimer(signal.ITIMER_REAL, cfg.timeout_s)
-                score = grade(
-                    response,
-                    gold,
-                    max_response_chars=cfg.max_response_chars,
-                    max_gold_chars=cfg.max_gold_chars,
-                )
+                score = grade(response, gold, mode=cfg.mode, max_response_chars=cfg.max_response_chars,
+                              max_gold_chars=cfg.max_gold_chars)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _ItemTimeout:
@@ -193,9 +242,12 @@ class MathRewardPool:
             self._ctx.set_forkserver_preload(["math_verify"])
         self._workers: list[_Worker] = []
         self._startup_failures = 0
+        self.item_seconds: list[float] = []
+        """Per item of the last ``score`` call: seconds from handing it to a worker to having its score
+        (what a caller waits for one item; bounded by the backstop plus the time to notice)."""
 
     # lifecycle
-    def __enter__(self) -> "MathRewardPool":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -253,6 +305,7 @@ class MathRewardPool:
         while len(self._workers) < self.cfg.num_workers:
             self._workers.append(self._spawn())
         scores: list[float | None] = [None] * len(responses)
+        self.item_seconds = [0.0] * len(responses)
         pending = list(range(len(responses)))[::-1]
         while any(s is None for s in scores):
             now = time.monotonic()
@@ -286,6 +339,7 @@ class MathRewardPool:
                 else:
                     idx, score, status, seconds = msg
                     scores[idx], w.item = score, None
+                    self.item_seconds[idx] = time.monotonic() - w.since
                     self._count(status, score, seconds)
         for obj in ready:
             w = by_sentinel.get(obj)
@@ -312,6 +366,7 @@ class MathRewardPool:
                 )
         if w.item is not None and scores[w.item] is None:
             scores[w.item] = 0.0
+            self.item_seconds[w.item] = time.monotonic() - w.since
             self._count(status, 0.0)
         w.item = None
         self._replace(w)

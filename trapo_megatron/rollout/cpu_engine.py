@@ -9,7 +9,8 @@ rounding of the padded forward).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -83,7 +84,7 @@ class CpuEngine:
         self.num_generate_calls = 0
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, **kwargs) -> "CpuEngine":
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, **kwargs) -> CpuEngine:
         from transformers import AutoModelForCausalLM
 
         return cls(
@@ -194,3 +195,56 @@ class CpuEngine:
 
     def close(self) -> None:
         self._sleeping = True
+
+
+class ReplicaCpuEngine:
+    """The CPU twin of one engine replica of several ranks. Implements ``RolloutEngine`` on every rank.
+
+    vLLM runs one model sharded over the replica's ranks and every rank gets the outputs; the twin runs the
+    whole model on the replica's leader and hands the outputs to the other ranks. Above this class (waves,
+    the rollout service) the code path is the one the vLLM replica takes: every rank calls every method.
+    ``engine`` is the leader's CpuEngine (None on the other ranks).
+    """
+
+    def __init__(self, engine: CpuEngine | None, layout: Any, group: Any) -> None:
+        from trapo_megatron.rollout.replicas import broadcast_from_leader
+
+        if (engine is None) == layout.is_leader:
+            raise ValueError("ReplicaCpuEngine: the replica leader, and only it, holds the CpuEngine")
+        self.engine, self.layout, self.group = engine, layout, group
+        self._broadcast = broadcast_from_leader
+        self._sleeping = False
+
+    @property
+    def num_generate_calls(self) -> int:
+        return self.engine.num_generate_calls if self.engine is not None else 0
+
+    def load_weights(self, weights: WeightStream) -> None:
+        if self.engine is not None:
+            self.engine.load_weights(weights)
+        else:
+            for _ in weights:  # the stream is collective: every rank drains it
+                pass
+        self._sleeping = False
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Generation]:
+        check_generate_args(self._sleeping, prompts, params)
+        outs = self.engine.generate(prompts, params) if self.engine is not None else None
+        return self._broadcast(outs, self.layout, self.group)
+
+    def sleep(self) -> None:
+        self._sleeping = True
+        if self.engine is not None:
+            self.engine.sleep()
+
+    def wake_up(self) -> None:
+        check_wake_up(self._sleeping)
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self._sleeping
+
+    def close(self) -> None:
+        self._sleeping = True
+        if self.engine is not None:
+            self.engine.close()

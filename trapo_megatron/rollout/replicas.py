@@ -9,6 +9,9 @@ topology: every replica generates its own slice of the step's prompts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,27 @@ class ReplicaLayout:
         """The positions (of ``num_items`` in the step's batch) this replica generates: strided, so every
         replica gets an equal share and the assignment depends only on the batch, never on timing."""
         return range(self.index, num_items, self.num_replicas)
+
+
+def new_replica_group(layout: ReplicaLayout) -> Any:
+    """This rank's replica as a gloo group (None for one-rank replicas), for the host-side hand-overs inside a
+    replica (rewards, the CPU twin's outputs). Collective: every rank of the world calls it, in the same order
+    (``new_group`` is collective over the world even for the ranks it leaves out)."""
+    if layout.tensor_parallel_size == 1:
+        return None
+    mine = None
+    for index in range(layout.num_replicas):
+        first = index * layout.tensor_parallel_size
+        group = dist.new_group(list(range(first, first + layout.tensor_parallel_size)), backend="gloo")
+        if index == layout.index:
+            mine = group
+    return mine
+
+
+def broadcast_from_leader(obj: Any, layout: ReplicaLayout, group: Any) -> Any:
+    """The leader's ``obj`` on every rank of the replica (others pass anything, e.g. None)."""
+    if layout.tensor_parallel_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=layout.leader, group=group)
+    return box[0]

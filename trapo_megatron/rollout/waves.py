@@ -222,6 +222,9 @@ def run_waves(
     The engine must be awake with the current policy (the trainer syncs weights once before this call).
     ``positions``: each example's place in the step's whole batch (default: its index here). Request seeds
     depend on it, so a data-parallel shard samples exactly what the whole batch would on one rank.
+    ``scorer`` is the hook that keeps the ranks of an engine replica in step: under the rollout service it is
+    a ReplicaScorer (grades on the replica's leader, broadcasts), so every rank decides the next
+    micro-groups from the same rewards whatever the wall clock did to the reward pool.
     """
     positions = range(len(examples)) if positions is None else positions
     eos = tokenizer.eos_token_id

@@ -3,13 +3,13 @@ Megatron step.
 
 Per sample: tokens = prompt + expert prefix + continuation; the prefix targets carry the prefix objective
 (TrSFT) iff the sample carries its shared prefix's SFT loss, the continuation targets carry the policy
-gradient; the aggregation weight of every loss token already holds the GLOBAL denominator (counts summed
-over data-parallel ranks), so micro-batches can be cut any way.
+gradient; the aggregation weight of every loss token already holds the GLOBAL denominator (counts over the
+whole step's batch, which every rank holds after the rollout hand-over: no reduction needed), so
+micro-batches and data-parallel shares can be cut any way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,16 +60,20 @@ def to_sequence(r: Rollout, advantage: float) -> Sequence:
                     advantages=torch.full((length,), float(advantage)), rollout_logprobs=rollout_lp)
 
 
-def weigh(seqs: list[Sequence], cfg: LossConfig, max_response_len: int,
-          reduce_counts: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
-    """Set every sequence's token_weight from the global counts (``reduce_counts`` sums them over DP)."""
-    local = torch.zeros(3)
+def weigh(seqs: list[Sequence], cfg: LossConfig, max_response_len: int) -> None:
+    """Set every sequence's token_weight from the counts over ``seqs``: pass the whole step's batch."""
+    total = torch.zeros(3)
     for s in seqs:
-        local += BatchCounts.of((s.sft_mask | s.rl_mask).unsqueeze(0)).as_tensor()
-    counts = BatchCounts.from_tensor(reduce_counts(local))
+        total += BatchCounts.of((s.sft_mask | s.rl_mask).unsqueeze(0)).as_tensor()
+    counts = BatchCounts.from_tensor(total)
     for s in seqs:
         s.token_weight = token_weights((s.sft_mask | s.rl_mask).unsqueeze(0), cfg.aggregation,
                                        max_response_len=max_response_len, counts=counts)[0]
+
+
+def data_parallel_share(groups: list, dp_rank: int, dp_size: int) -> list:
+    """This data-parallel rank's groups: batch positions dp_rank, dp_rank + dp_size, ..."""
+    return groups[dp_rank::dp_size]
 
 
 def micro_batches(seqs: list[Sequence], max_tokens: int) -> list[dict]:

@@ -10,10 +10,12 @@ from trapo_megatron.algo.micro_groups import MicroGroupConfig
 from trapo_megatron.data.dataset import DataConfig
 from trapo_megatron.data.prompts import PromptConfig
 from trapo_megatron.megatron.model_builder import ModelConfig
+from trapo_megatron.megatron.offload import OffloadMode
 from trapo_megatron.megatron.platform import ParallelConfig
 from trapo_megatron.megatron.step import OptimizerConfig
 from trapo_megatron.reward.math_reward import RewardConfig
 from trapo_megatron.rollout.waves import RolloutConfig
+from trapo_megatron.train.loggers import LoggingConfig
 
 
 @dataclass(kw_only=True)
@@ -47,7 +49,15 @@ class EngineConfig:
 
     kind: Literal["cpu", "vllm"] = "vllm"
     """"vllm": colocated vLLM on the training GPUs (asleep while training); "cpu": the transformers twin
-    (tests, the demo), run by the first rank of each model-parallel group."""
+    (tests, the demo). Both run as engine replicas over the whole world (rollout/service.py)."""
+    tensor_parallel_size: int | None = None
+    """Ranks per engine replica (contiguous blocks of the world, like vLLM's TP groups); the step's prompts are
+    split over all world / tensor_parallel_size replicas. None: parallel.tensor_model_parallel_size. Any
+    divisor of the world works: the weight stream carries full HF tensors whatever the training TP."""
+    offload_during_rollout: OffloadMode = "none"
+    """Training state moved to host memory (pinned on GPU) before the engine wakes for the weight sync and
+    rollouts, and back before the update: "grads" (DDP main-grad buffers) or "grads+optimizer" (also Adam
+    state and fp32 master copies). Bit-identical round trip; timed as time_offload / time_restore."""
     weight_bucket_mb: int = 512
     """Size of one bucket of the per-step weight stream into the engine."""
     vllm_gpu_memory_utilization: float = 0.4
@@ -58,6 +68,8 @@ class EngineConfig:
     """vLLM: disable CUDA graphs (slower, less memory, faster start)."""
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size is not None and self.tensor_parallel_size < 1:
+            raise ValueError(f"engine.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.weight_bucket_mb < 1:
             raise ValueError(f"engine.weight_bucket_mb must be >= 1, got {self.weight_bucket_mb}")
         if not 0 < self.vllm_gpu_memory_utilization < 1:
@@ -128,6 +140,8 @@ class TrapoConfig:
     """Saving and resuming."""
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation during the run."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Experiment loggers beside metrics.jsonl (TensorBoard, Weights & Biases)."""
 
     def __post_init__(self) -> None:
         if not self.model.hf_path:

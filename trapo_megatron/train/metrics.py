@@ -1,4 +1,5 @@
-"""Per-step metrics: metrics.jsonl + TensorBoard on rank 0, a progress bar with the key numbers.
+"""Per-step metrics: metrics.jsonl + the configured sinks (TensorBoard, W&B: train/loggers.py) on rank 0, and a
+progress bar with the key numbers.
 
 Every metric is a plain float; its normalisation is stated where it is computed (trainer.step_metrics).
 """
@@ -6,8 +7,11 @@ Every metric is a plain float; its normalisation is stated where it is computed 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from trapo_megatron.train.loggers import Sink, TensorBoardSink
 
 PROGRESS_KEYS = {"reward_unguided": "r", "heldout_accuracy": "eval", "guided_fraction": "guided",
                  "prefix_p_mean": "p", "entropy_mean": "H"}
@@ -16,21 +20,18 @@ PROGRESS_KEYS = {"reward_unguided": "r", "heldout_accuracy": "eval", "guided_fra
 class MetricsLogger:
     """Append-only metrics of a run; on resume, rows after the resumed step are dropped first."""
 
-    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool) -> None:
+    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool,
+                 sinks: Callable[[], list[Sink]] | None = None) -> None:
+        """``sinks`` builds the experiment loggers (called on the enabled rank only); None: TensorBoard."""
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
-        self._tb = None
+        self._sinks: list[Sink] = []
         self._bar = None
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:  # tensorboard is a core dependency; tolerate a trimmed install
-            self._tb = None
+        self._sinks = sinks() if sinks is not None else [TensorBoardSink(out_dir)]
         if progress:
             from tqdm import tqdm
 
@@ -49,17 +50,17 @@ class MetricsLogger:
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        for sink in self._sinks:
+            sink.log(step, numbers)
         if self._bar is not None:
             shown = {short: f"{metrics[k]:.3f}" for k, short in PROGRESS_KEYS.items() if k in metrics}
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(max(0, step - self._bar.n))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
         if self._bar is not None:
             self._bar.close()

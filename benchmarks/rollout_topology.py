@@ -1,0 +1,77 @@
+"""Rollout-topology benchmark (CPU, world 4): wall time of one step's rollouts when every engine replica
+generates its own slice (engine TP 1: four replicas) against the leader-only path (engine TP 4: one replica,
+whose leader generates the whole batch while the other ranks wait for its outputs, as the CPU twin did before
+rollout/service.py). Same prompts, same seeds, same model (the demo's), the full service path: waves,
+replica-wide grading with math-verify, the hand-over. Ratio = leader-only / all replicas (> 1: faster).
+
+    python benchmarks/rollout_topology.py [--prompts 16] [--repeats 2] [--threads 1]
+With 4 ranks on fewer than 4 cores the replicas compete for cores: the ratio is bounded by min(4, cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from trapo_megatron.testing import run_distributed
+
+
+def rollout_worker(rank: int, world: int, engine_tp: int, num_prompts: int, repeats: int) -> float:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    from transformers import AutoTokenizer
+
+    from trapo_megatron.data.dataset import load_examples
+    from trapo_megatron.demo import CONFIG, _asset_overrides
+    from trapo_megatron.reward.math_reward import MathRewardPool
+    from trapo_megatron.rollout.cpu_engine import CpuEngine, ReplicaCpuEngine
+    from trapo_megatron.rollout.replicas import ReplicaLayout, new_replica_group
+    from trapo_megatron.rollout.service import ReplicaScorer, RolloutService
+    from trapo_megatron.train_cli import load_config
+
+    cfg = load_config(str(CONFIG), _asset_overrides("runs/bench") + ["reward.num_workers=1"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    examples, _ = load_examples(cfg.data, cfg.prompt, tokenizer)
+    layout = ReplicaLayout(world_size=world, tensor_parallel_size=engine_tp, rank=rank)
+    group = new_replica_group(layout)
+    engine = CpuEngine.from_pretrained(cfg.model.hf_path) if layout.is_leader else None
+    if engine_tp > 1:
+        engine = ReplicaCpuEngine(engine, layout, group)
+    scorer = ReplicaScorer(MathRewardPool(cfg.reward) if layout.is_leader else None, layout, group)
+    service = RolloutService(engine, scorer, layout, dist.group.WORLD, tokenizer=tokenizer, rollout=cfg.rollout,
+                             schedule=cfg.micro_groups)
+    batch = examples[:num_prompts]
+    service.roll_out(batch, step=1)  # warm-up: reward pool start, first forward
+    best = float("inf")
+    for r in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        service.roll_out(batch, step=2 + r)
+        dist.barrier()
+        best = min(best, time.perf_counter() - t0)
+    service.close()
+    dist.destroy_process_group()
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=16, help="prompts in the step (the demo's 16)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per topology (best is kept)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    seconds = {}
+    for name, engine_tp in (("all_replicas", 1), ("leader_only", 4)):
+        seconds[name] = max(run_distributed(rollout_worker, 4, engine_tp, args.prompts, args.repeats,
+                                            timeout=1800, threads=args.threads))
+    print(json.dumps({"world": 4, "prompts": args.prompts, "cores": os.cpu_count(), **seconds,
+                      "ratio_leader_only_over_all_replicas": seconds["leader_only"] / seconds["all_replicas"]},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""torchrun for Slurm jobs, with the stop signals left to the trainer.
+
+    python -m trapo_megatron.launch.agent [--stop-signal SIGUSR1 ...] <torchrun arguments>
+
+Slurm warns a job before its time limit with ``--signal=USR1@N`` and ends it (limit, ``scancel``,
+``scontrol requeue``, preemption) with SIGTERM, then SIGKILL after KillWait. Without a step-level ``B:``,
+slurmstepd signals every process of the step (proctrack/cgroup: the step's cgroup; proctrack/linuxproc:
+the process tree), so the workers receive the signal themselves; the trainer traps it, finishes the step,
+saves a checkpoint and exits with EXIT_STOPPED. Plain torchrun gets in the way twice:
+
+- SIGUSR1's default action kills the agent, and the step with it (``srun --kill-on-bad-exit``): here the
+  agent ignores the warning signals, and its workers inherit the ignore (exec keeps SIG_IGN), so a warning
+  that arrives while a worker is still importing is dropped instead of killing it; the trainer's own
+  handler replaces the ignore once the loop runs, and the time limit's SIGTERM still follows.
+- On SIGTERM torch elastic terminates the workers and SIGKILLs them 30 s later
+  (torch/distributed/elastic/multiprocessing/api.py, ``PContext.close``), too soon to finish a large
+  step: here the agent only passes SIGTERM on to its workers (harmless when Slurm already did) and keeps
+  watching them. ``TORCHELASTIC_SIGNALS_TO_HANDLE`` (read in ``PContext.start``) keeps torch from
+  installing its handler over ours.
+
+When every failed worker exited with EXIT_STOPPED, the agent exits with EXIT_STOPPED too (not torchrun's
+1), so the job's exit code says "stopped, resumable" and NeMo-Run's sbatch script requeues it while
+``--retries`` lasts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+EXIT_STOPPED = 75
+"""The trainer's exit status after a graceful stop (EX_TEMPFAIL; trapo_megatron/train/stopping.py)."""
+
+TORCH_HANDLED = ("SIGINT", "SIGHUP", "SIGQUIT")
+"""Signals torch elastic keeps handling (terminate the workers): the stop signals are ours."""
+
+
+def _forward_to_workers(signum: int, _frame: object) -> None:
+    import psutil  # a dependency of dist_checkpointing, always installed with megatron-core
+
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def protect(stop_signals: list[str]) -> None:
+    """Install the agent's dispositions before torch elastic starts the workers."""
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(s for s in TORCH_HANDLED if s not in stop_signals)
+    for name in stop_signals:
+        sig = signal.Signals[name]
+        signal.signal(sig, _forward_to_workers if sig == signal.SIGTERM else signal.SIG_IGN)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trapo_megatron.launch.agent", add_help=False)
+    parser.add_argument("--stop-signal", action="append", default=[], dest="stop_signals",
+                        help="a signal the trainer stops on (repeat); SIGTERM is always one")
+    args, torchrun_args = parser.parse_known_args(argv)
+    stop_signals = sorted({"SIGTERM", *args.stop_signals})
+    bad = [s for s in stop_signals if s not in signal.Signals.__members__ or s in TORCH_HANDLED + ("SIGKILL",)]
+    if bad:
+        parser.error(f"--stop-signal {bad[0]}: not a signal a trainer can stop on")
+    protect(stop_signals)
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(torchrun_args)
+    except ChildFailedError as e:
+        codes = {failure.exitcode for failure in e.failures.values()}
+        if codes == {EXIT_STOPPED}:
+            print(f"trapo agent: every worker stopped on a signal after a checkpoint (exit {EXIT_STOPPED})",
+                  file=sys.stderr, flush=True)
+            return EXIT_STOPPED
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
