@@ -5,8 +5,8 @@
 
 Needs only torch, transformers and megatron-core (no vLLM, no Transformer Engine: the local spec, mask
 path). Checks (``name`` in each line; ``ok`` true or false; ``seconds``; numbers to read):
-- ``nccl_world1``: a world of one on NCCL; a host tensor on that device group must raise, a device tensor
-  reduces, host tensors go through platform.host_group().
+- ``nccl_world1``: a world of one on NCCL; a host tensor on that device group must raise (NCCL on a GPU,
+  strict collectives on CPU), a device tensor reduces, host tensors go through platform.host_group().
 - ``logits_demo_{fp32,bf16}``, ``logits_150m_{fp32,bf16}``: the demo model and a random ~150M Qwen2 built
   by our builder, loaded from HF, against transformers' logits on the device.
 - ``train_step_bf16``: one step with Megatron DDP + the distributed optimizer: finite loss, parameters
@@ -90,14 +90,14 @@ def check_nccl() -> dict[str, Any]:
         host_on_device_group = "accepted"
     except (RuntimeError, ValueError) as err:
         host_on_device_group = f"raised: {type(err).__name__}"
-    dev = torch.ones(1, device=_dev())
+    dev = platform.to_device(torch.ones(1))
     dist.all_reduce(dev)
     host = torch.ones(1)
     dist.all_reduce(host, group=platform.host_group())
-    ok = dev.item() == 1.0 and host.item() == 1.0
-    if backend == "nccl":
-        ok = ok and host_on_device_group.startswith("raised")
-    return {"ok": ok, "backend": backend, "host_tensor_on_device_group": host_on_device_group}
+    must_raise = backend == "nccl" or platform.strict_collectives()  # NCCL itself, or our strict mode on CPU
+    ok = dev.item() == 1.0 and host.item() == 1.0 and (host_on_device_group.startswith("raised") or not must_raise)
+    return {"ok": ok, "backend": backend, "strict": platform.strict_collectives(),
+            "host_tensor_on_device_group": host_on_device_group}
 
 
 def _hf_dir(config: dict[str, Any], tmp: Path) -> Path:
