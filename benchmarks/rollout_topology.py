@@ -37,9 +37,9 @@ def rollout_worker(rank: int, world: int, engine_tp: int, num_prompts: int, repe
     examples, _ = load_examples(cfg.data, cfg.prompt, tokenizer)
     layout = ReplicaLayout(world_size=world, tensor_parallel_size=engine_tp, rank=rank)
     group = new_replica_group(layout)
-    engine = CpuEngine.from_pretrained(cfg.model.hf_path) if layout.is_leader else None
-    if engine_tp > 1:
-        engine = ReplicaCpuEngine(engine, layout, group)
+    inner = CpuEngine.from_pretrained(cfg.model.hf_path) if layout.is_leader else None
+    engine = ReplicaCpuEngine(inner, layout, group) if engine_tp > 1 else inner
+    own_weights = dict(inner.model.state_dict()) if inner is not None else {}
     scorer = ReplicaScorer(MathRewardPool(cfg.reward) if layout.is_leader else None, layout, group)
     service = RolloutService(engine, scorer, layout, dist.group.WORLD, tokenizer=tokenizer, rollout=cfg.rollout,
                              schedule=cfg.micro_groups)
@@ -47,6 +47,7 @@ def rollout_worker(rank: int, world: int, engine_tp: int, num_prompts: int, repe
     service.roll_out(batch, step=1)  # warm-up: reward pool start, first forward
     best = float("inf")
     for r in range(repeats):
+        service.load_weights(own_weights.items())  # the refit that wakes the engine (untimed)
         dist.barrier()
         t0 = time.perf_counter()
         service.roll_out(batch, step=2 + r)

@@ -50,7 +50,7 @@ def test_tp2_run_trains_logs_saves_and_exports(tp2_run: Path) -> None:
     assert steps == [0, 1, 2, 3]
     assert "heldout_accuracy" in rows[0] and "heldout_accuracy" in rows[-1]
     for r in rows[1:]:
-        assert r["engine_calls"] <= 2 * 4  # at most one generate call per micro-group and replica (two)
+        assert r["engine_calls"] <= 4  # at most one generate call per micro-group (one replica: engine TP = TP)
         assert 0.0 <= r["reward_unguided"] <= 1.0
         assert r["sft_tokens"] + r["rl_tokens"] > 0 and r["grad_norm"] > 0
     assert (tp2_run / "checkpoints" / "latest").read_text().strip() == "step_000003"
@@ -109,5 +109,5 @@ def test_data_parallel_run_matches_one_rank(tmp_path: Path) -> None:
     assert [r["step"] for r in runs[2]] == [1, 2]
     for one, two in zip(runs[1], runs[2], strict=True):
         assert one.keys() == two.keys()
-        for key in one:
+        for key in one.keys() - {"engine_calls"}:  # summed over engine replicas (two here, one there)
             assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
