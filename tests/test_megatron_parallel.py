@@ -135,8 +135,8 @@ def dp_worker(rank: int, world: int, steps: int) -> list[float]:
         reported = step.forward_backward(chunks, mine, _ce_loss([]))
         loss = torch.stack([r["loss"] for r in reported]).sum()
         dist.all_reduce(loss)
-        applied, grad_norm = step.optimizer_step(optimizer, scheduler)
-        assert applied and grad_norm > 0
+        applied, grad_norm, nonfinite = step.optimizer_step(optimizer, scheduler, loss_finite=True)
+        assert applied and grad_norm > 0 and not nonfinite
         losses.append(float(loss))
     platform.destroy()
     return losses
@@ -148,3 +148,44 @@ def test_data_parallel_matches_single_rank() -> None:
     assert dp2[0] == pytest.approx(dp2[1], abs=0)
     assert single[0] > single[-1], f"training did not reduce the loss: {single}"
     assert dp2[0] == pytest.approx(single, abs=1e-5)
+
+
+def guard_worker(rank: int, world: int) -> list[str]:
+    """One applied step, then a NaN-gradient step and a NaN-loss step: both skipped, and nothing the next
+    update depends on moved (parameters, Adam moments and step, the LR schedule)."""
+    from _megatron_helpers import fill_deterministic, tiny_hf_config
+
+    from trapo_megatron.megatron import model_builder, platform, step
+
+    parallel = platform.ParallelConfig()
+    platform.initialize(parallel, seed=11)
+    hf = tiny_hf_config("qwen2")
+    chunks = step.wrap_ddp(model_builder.build_model(hf, parallel), use_distributed_optimizer=True)
+    fill_deterministic(chunks, tied=False)
+    optimizer, scheduler = step.build_optimizer(chunks, step.OptimizerConfig(lr=1e-2), total_steps=4)
+    inner = optimizer.chained_optimizers[0].optimizer
+
+    def run(poison: float, loss_finite: bool) -> tuple[bool, float, str]:
+        step.zero_grad(chunks, optimizer)
+        ce = _ce_loss([])
+        step.forward_backward(chunks, _micro_batches(100, hf.vocab_size), lambda lg, mb: (
+            ce(lg, mb)[0] * poison, {}))
+        return step.optimizer_step(optimizer, scheduler, loss_finite=loss_finite)
+
+    def snapshot() -> list[torch.Tensor]:
+        params = [p.detach().clone() for c in chunks for p in c.parameters()]
+        states = [v.clone() for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return params + states + [torch.tensor(float(scheduler.num_steps))]
+
+    assert run(1.0, True)[0]
+    before = snapshot()
+    outcomes = [run(float("nan"), True), run(1.0, False)]
+    after = snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert run(1.0, True)[0]  # and training goes on
+    platform.destroy()
+    return [bad for applied, _, bad in outcomes if not applied]
+
+
+def test_non_finite_gradients_or_loss_skip_the_update() -> None:
+    assert run_distributed(guard_worker, 1)[0] == ["grad_norm", "loss"]

@@ -1,10 +1,9 @@
-"""The TRAPO trainer end to end on the demo task: two steps at TP=2 and at PP=2, exact resume, and config
-errors that name the key before anything starts."""
+"""The TRAPO trainer end to end on the demo task: two steps at TP=2 and at PP=2, and config
+errors that name the key before anything starts (exact resume after kills: test_reliability.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -59,18 +58,6 @@ def test_tp2_run_trains_logs_saves_and_exports(tp2_run: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(tp2_run / "hf")
     assert model.config.num_hidden_layers == 2
-
-
-def test_resume_gives_the_same_metrics(tp2_run: Path, tmp_path: Path) -> None:
-    """Stop after step 2 (its checkpoint), resume, and step 3 matches the uninterrupted run exactly."""
-    out = tmp_path / "run"
-    (out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tp2_run / "checkpoints" / "step_000002", out / "checkpoints" / "step_000002")
-    (out / "checkpoints" / "latest").write_text("step_000002\n")
-    lines = (tp2_run / "metrics.jsonl").read_text().splitlines()[:3]
-    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    run_distributed(train_worker, 2, _overrides(out, "run.max_steps=3"), True, timeout=600)
-    assert _metrics(out) == _metrics(tp2_run)
 
 
 def test_pp2_two_steps(tmp_path: Path) -> None:

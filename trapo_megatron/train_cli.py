@@ -45,10 +45,16 @@ def run_train(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"trapo train: config error: {e}", file=sys.stderr)
         return 2
-    summary = train(cfg, resume=args.resume)
+    from trapo_megatron.train.stopping import EXIT_DIVERGED, EXIT_STOPPED, DivergedError
+
+    try:
+        summary = train(cfg, resume=args.resume)
+    except DivergedError as e:
+        print(f"trapo train: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
-    return 0
+    return EXIT_STOPPED if summary["stopped"] else 0
 
 
 def check_config(cfg, world_size: int) -> None:
@@ -68,10 +74,12 @@ def check_config(cfg, world_size: int) -> None:
 
 def train(cfg, resume: bool = False) -> dict:
     """Run ``cfg`` on this rank to the end; returns a summary (run dir, steps)."""
+    from trapo_megatron.train.watchdog import watch_parent
     from trapo_megatron.trainer import Trainer
 
+    watch_parent()  # a rank whose launcher died exits instead of running on
     trainer = Trainer(cfg, resume=resume)
     try:
         return trainer.fit()
     finally:
-        trainer.run.close()
+        trainer.close()

@@ -21,6 +21,8 @@ from trapo_megatron.config import to_dict
 from trapo_megatron.plot import plot_run
 from trapo_megatron.rollout.waves import Rollout
 from trapo_megatron.train import batch as batching
+from trapo_megatron.train import faults
+from trapo_megatron.train.accounting import RewardCounters
 from trapo_megatron.train.checkpointing import Checkpointer
 from trapo_megatron.train.config import TrapoConfig
 from trapo_megatron.train.export import export_hf
@@ -28,15 +30,20 @@ from trapo_megatron.train.loggers import build_sinks
 from trapo_megatron.train.metrics import MetricsLogger
 from trapo_megatron.train.setup import Run, build_run
 from trapo_megatron.train.step_metrics import step_metrics
+from trapo_megatron.train.stopping import SkipGuard, StopSignals
 
 
 class Trainer:
     def __init__(self, cfg: TrapoConfig, resume: bool = False) -> None:
         self.cfg = cfg
+        self.stop = StopSignals(cfg.run.stop_signals)  # first: a signal during start-up stops after step one
         self.run: Run = build_run(cfg)
         self.out = Path(cfg.run.output_dir)
-        self.ckpt = Checkpointer(self.out / "checkpoints", self.run)
-        self.step = self.ckpt.resume() if (resume or cfg.checkpoint.resume) else 0
+        self.ckpt = Checkpointer(self.out / "checkpoints", self.run.policy)
+        state = self.ckpt.resume() if (resume or cfg.checkpoint.resume) else None
+        self.step = state["step"] if state else 0
+        self.guard = SkipGuard(cfg.run.max_consecutive_skips, state)
+        self.reward_counters = RewardCounters(self.run.rollout.scorer.scorer)
         self.log = MetricsLogger(self.out, enabled=self.run.is_rank0, total_steps=cfg.run.max_steps,
                                  start_step=self.step, progress=cfg.run.progress,
                                  sinks=lambda: build_sinks(cfg.logging, self.out, to_dict(cfg)))
@@ -56,19 +63,29 @@ class Trainer:
         first = run.evaluate() if self.step == 0 else None
         if first is not None:
             self.log.log(0, {"heldout_accuracy": first})
+        stopped = False
         for step in range(self.step + 1, cfg.run.max_steps + 1):
             self.times = {}
+            faults.step_begins(step)
+            faults.fire("step_start")
             batch = run.sampler.batch(step)
             with self.timed("rollout"):
+                self.reward_counters.start()
                 rollouts = run.rollout.roll_out(batch, step)
+                faults.fire("rollout")
             with self.timed("restore"):
                 run.offload.restore()
             with self.timed("train"):
                 sums = self.double_update(rollouts.groups)
-            if self.ckpt.due(step, cfg.checkpoint.save_every, cfg.run.max_steps):
+            self.guard.update(step, bool(sums["update_skipped"]), run.policy.nonfinite)
+            # no periodic save inside a run of skipped steps: `latest` stays at the last applied update
+            saving = self.ckpt.due(step, cfg.checkpoint.save_every, cfg.run.max_steps) and not self.guard.num_consecutive
+            if saving:
                 self.ckpt.save(step)  # before the offload: the optimizer state is saved from the device
             self.sync_weights()
             metrics = step_metrics(rollouts.groups, rollouts.stats, sums, sum(self.times.values()))
+            metrics.update(self.reward_counters.finish(), num_generated=rollouts.stats.num_generated,
+                           num_skipped_total=self.guard.num_skipped_total)
             if self.eval_due(step):
                 with self.timed("eval"):
                     metrics["heldout_accuracy"] = run.evaluate()
@@ -76,14 +93,32 @@ class Trainer:
             metrics.update({f"time_{k}": v for k, v in self.times.items()})
             if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
                 self.log.log(step, metrics)
+            self.guard.check(step)  # too many non-finite steps in a row: stop before this step is committed
+            if saving:  # after the log: a committed step always has its metrics row
+                self.ckpt.commit(step, self.state(step))
             self.step = step
+            if step < cfg.run.max_steps and self.stop.agreed():  # every rank, at the same step boundary
+                if not saving:
+                    run.offload.restore()
+                    self.ckpt.save(step)
+                    self.ckpt.commit(step, self.state(step))
+                stopped = True
+                break
         run.offload.restore()
-        if cfg.checkpoint.export_hf:
+        if cfg.checkpoint.export_hf and not stopped:
             export_hf(run.policy, run.hf_config, cfg.model, cfg.engine.weight_bucket_mb, self.out / "hf")
         self.log.close()
         if run.is_rank0:
             plot_run(self.out)
-        return {"out": str(self.out), "steps": self.step}
+        return {"out": str(self.out), "steps": self.step, "stopped": stopped}
+
+    def state(self, step: int) -> dict[str, Any]:
+        """What a checkpoint carries besides model, optimizer, scheduler and RNG states (JSON)."""
+        return {"step": step, **self.guard.state_dict()}
+
+    def close(self) -> None:
+        self.stop.close()
+        self.run.close()
 
     def sync_weights(self) -> None:
         """Training state out of device memory (as configured), then the weight stream wakes the engine."""

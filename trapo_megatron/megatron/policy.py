@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from trapo_megatron.algo.loss import LossConfig, trapo_loss
 from trapo_megatron.megatron import model_builder, platform, step
+from trapo_megatron.train import faults
 
 OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -43,6 +44,8 @@ class MegatronPolicy:
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.mp_rank = ps.get_model_parallel_group().rank()
+        self.nonfinite = ""
+        """Which quantity of the last train_step was non-finite ("" when its update was applied)."""
 
     # ------------------------------------------------------------------------------------ training
     def train_step(self, micro_batches: list[step.MicroBatch], loss_cfg: LossConfig) -> dict[str, float]:
@@ -53,14 +56,25 @@ class MegatronPolicy:
         step.zero_grad(self.chunks, self.optimizer)
 
         def loss_fn(logits: torch.Tensor, mb: step.MicroBatch):
-            return trapo_loss(logits, mb, loss_cfg, tp_group=self.tp_group)
+            loss, metrics = trapo_loss(logits, mb, loss_cfg, tp_group=self.tp_group)
+            return (loss * float("nan") if faults.fire("loss") else loss), metrics
 
         reported = step.forward_backward(self.chunks, micro_batches, loss_fn)
-        applied, grad_norm = step.optimizer_step(self.optimizer, self.scheduler)
+        applied, grad_norm, self.nonfinite = step.optimizer_step(
+            self.optimizer, self.scheduler, loss_finite=self._loss_finite_everywhere(reported))
         sums = self._global_sums(reported)
         sums.update(grad_norm=grad_norm, lr=self.scheduler.get_lr(self.optimizer.param_groups[0]),
                     update_skipped=float(not applied))
         return sums
+
+    @staticmethod
+    def _loss_finite_everywhere(reported: list[dict[str, torch.Tensor]]) -> bool:
+        """Whether every rank's micro-batch losses are finite (a MAX all-reduce of "some loss is not" over the
+        host group: only the last pipeline stage has losses, and a NaN on one TP rank must stop all)."""
+        bad = any(not bool(torch.isfinite(r["loss"]).all()) for r in reported)
+        flag = torch.tensor([float(bad)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=platform.host_group())
+        return not bool(flag.item())
 
     def _global_sums(self, reported: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Sum micro-batch metric dicts over this rank's micro-batches, then over DP ranks; hand the result
@@ -97,22 +111,22 @@ class MegatronPolicy:
         optim = self.optimizer.sharded_state_dict(flat, is_loading=is_loading, metadata=OPTIMIZER_CKPT_METADATA)
         return {**model_sd, "optimizer": optim}
 
-    def save(self, directory: Path, extra: dict[str, Any]) -> None:
-        """Model + optimizer shards + scheduler and ``extra`` (common, from rank 0) into ``directory``."""
+    def save(self, directory: Path) -> None:
+        """Model + optimizer shards + scheduler into ``directory`` (collective)."""
         from megatron.core import dist_checkpointing
 
         directory.mkdir(parents=True, exist_ok=True)
         state = self._sharded_state(is_loading=False)
         state["scheduler"] = self.scheduler.state_dict()
-        state["extra"] = extra
         with platform.cuda_literals_on_cpu():
             dist_checkpointing.save(state, str(directory))
 
-    def load(self, directory: Path) -> dict[str, Any]:
-        """Restore model, optimizer and scheduler from ``directory``; returns the saved ``extra``."""
+    def load(self, directory: Path) -> None:
+        """Restore model, optimizer (moments and Adam step) and scheduler from ``directory``."""
         from megatron.core import dist_checkpointing
 
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for opt in chained:
             # The distributed optimizer's state (and its Adam step) must exist before a load can fill it in
             # place; megatron-core only does this itself for its FSDP format.
             init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
@@ -120,12 +134,33 @@ class MegatronPolicy:
                 init()
         state = self._sharded_state(is_loading=True)
         state["scheduler"] = None
-        state["extra"] = None
         with platform.cuda_literals_on_cpu():
             loaded = dist_checkpointing.load(state, str(directory))
         for i, c in enumerate(self.chunks):
             c.module.load_state_dict(loaded[f"model{i}"])
         with torch.no_grad():  # fp32 main params are views of the model's parameters
             self.optimizer.load_state_dict(loaded["optimizer"])
+        for opt in chained:
+            _restore_adam_steps(getattr(opt, "optimizer", None))
         self.scheduler.load_state_dict(loaded["scheduler"])
-        return loaded["extra"]
+
+
+def _restore_adam_steps(inner: Any) -> None:
+    """Set every parameter's Adam ``step`` to the saved one, each its own tensor.
+
+    megatron-core's distributed optimizer with torch's Adam (no Apex/TE) saves the step in its param groups
+    and marks the per-parameter step tensors "LocalNonpersistentObject" (distrib_optimizer.py,
+    sharded_param_state_dp_reshardable), so a load copies the DUMMY step of the freshly initialised state
+    (1) over the restored one; load_state_dict also gives all parameters ONE shared tensor ("Native PyTorch
+    state dict requires step"), which torch's Adam then increments once per parameter. Either way every
+    resumed run restarted Adam's bias correction, and the steps after a resume differed.
+    """
+    if inner is None:
+        return
+    for group in inner.param_groups:
+        if "step" not in group:
+            continue
+        for param in group["params"]:
+            state = inner.state.get(param, {})
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = torch.full_like(state["step"], float(group["step"]))

@@ -9,6 +9,7 @@ the same whatever the micro-batching, DP, PP or TP.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,7 @@ import torch
 
 from trapo_megatron.data import packing
 from trapo_megatron.megatron import model_builder, platform
+from trapo_megatron.train import faults
 
 MicroBatch = dict[str, Any]
 """One packed micro-batch (data/packing.py pack_row): ``tokens`` (1, S) long, ``position_ids`` (1, S) long,
@@ -67,6 +69,8 @@ def wrap_ddp(chunks: list[Any], use_distributed_optimizer: bool = True) -> list[
     """Megatron DDP around each model chunk (contiguous fp32 grad buffers, reduce-scatter with ZeRO-1)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    # check_for_nan_in_grad stays off: it makes a NaN a fatal error inside the grad reduction (megatron's rerun
+    # state machine, param_and_grad_buffer.check_grads); optimizer_step skips such a step on every rank instead.
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
     )
@@ -170,14 +174,36 @@ def packed_seq_params(cu_seqlens: torch.Tensor) -> Any:
                            max_seqlen_kv=longest)
 
 
-def optimizer_step(optimizer: Any, scheduler: Any) -> tuple[bool, float]:
-    """One optimizer step (grads were reduced by DDP's finish_grad_sync inside the schedule).
+def optimizer_step(optimizer: Any, scheduler: Any, loss_finite: bool) -> tuple[bool, float, str]:
+    """One optimizer step unless the loss (``loss_finite``, already agreed by every rank) or the gradient
+    norm is non-finite (grads were reduced by DDP's finish_grad_sync inside the schedule).
 
-    Returns (applied, grad_norm)."""
+    The gradient norm megatron computes is reduced over the model-parallel group (and over DP with the
+    distributed optimizer), so every rank sees the same norm and takes the same decision. In bf16/fp32 megatron
+    has no loss scaler and would apply a NaN update: the norm is computed first here (one extra pass over the
+    gradients and a scalar all-reduce) and the step is skipped. With fp16 the loss scaler's own inf/NaN check
+    skips (and its ``prepare_grads`` must run once only). A skipped step leaves parameters, optimizer moments,
+    the Adam step count and the LR schedule untouched (megatron's convention: the scheduler advances only on
+    a successful update).
+
+    Returns (applied, grad_norm, which quantity was non-finite: "" | "loss" | "grad_norm" | "loss, grad_norm").
+    """
+    scaler = any(getattr(o, "grad_scaler", None) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+    grad_norm = float("nan")
     with platform.cuda_literals_on_cpu():
-        applied, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
-    return bool(applied), float(grad_norm if grad_norm is not None else 0.0)
+        if not scaler:
+            optimizer.prepare_grads()
+            grad_norm = float(optimizer.get_grad_norm())
+        bad = [] if loss_finite else ["loss"]
+        if not scaler and not math.isfinite(grad_norm):
+            bad.append("grad_norm")
+        if bad:
+            return False, grad_norm, ", ".join(bad)
+        faults.fire("optimizer")
+        applied, norm, _ = optimizer.step()
+    if applied:
+        scheduler.step(increment=1)
+    return bool(applied), float(norm if norm is not None else grad_norm), "" if applied else "grad_norm"
 
 
 def zero_grad(ddp_chunks: list[Any], optimizer: Any) -> None:

@@ -15,6 +15,7 @@ from trapo_megatron.megatron.platform import ParallelConfig
 from trapo_megatron.megatron.step import OptimizerConfig
 from trapo_megatron.reward.math_reward import RewardConfig
 from trapo_megatron.rollout.waves import RolloutConfig
+from trapo_megatron.train import stopping
 from trapo_megatron.train.loggers import LoggingConfig
 
 
@@ -36,11 +37,25 @@ class RunConfig:
     """Write metrics every N steps."""
     progress: bool = True
     """Show a progress bar with the key numbers on rank 0."""
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    """Signals that stop the run gracefully: every rank finishes the current step, saves a checkpoint and the
+    process exits with status 75 (resume it with checkpoint.resume / --resume)."""
+    collective_timeout_minutes: int = 30
+    """A collective that waits longer than this (a peer died or hangs) fails the rank instead of blocking it."""
+    max_consecutive_skips: int = 3
+    """Stop the run (exit status 3) after this many optimizer steps in a row were skipped for a non-finite
+    loss or gradient norm; 0: never stop. A skipped step leaves weights, optimizer and LR schedule as they
+    were; its prompts are consumed (the data position advances)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "prompts_per_step", "max_tokens_per_micro_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        if self.collective_timeout_minutes < 1:
+            raise ValueError(f"run.collective_timeout_minutes must be >= 1, got {self.collective_timeout_minutes}")
+        if self.max_consecutive_skips < 0:
+            raise ValueError(f"run.max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
+        stopping.parse_signals(self.stop_signals)
 
 
 @dataclass(kw_only=True)

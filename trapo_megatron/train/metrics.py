@@ -7,6 +7,7 @@ Every metric is a plain float; its normalisation is stated where it is computed 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,17 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="trapo", unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the rows up to the resumed step (a killed run may have logged later ones, the last possibly
+        torn mid-write); rewritten atomically, so a kill here loses nothing."""
         if not self.path.exists():
             return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        if lines and not lines[-1].endswith("}"):
+            lines.pop()  # a row cut short by a kill mid-append
+        kept = [r for r in map(json.loads, lines) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -121,7 +121,7 @@ def build_run(cfg: TrapoConfig) -> Run:
 
     hf_path = cfg.model.hf_path
     hf_config = AutoConfig.from_pretrained(hf_path)
-    platform.initialize(cfg.parallel, seed=cfg.run.seed)
+    platform.initialize(cfg.parallel, seed=cfg.run.seed, timeout_minutes=cfg.run.collective_timeout_minutes)
     check_layout(cfg, hf_config, dist.get_world_size())
     tokenizer = AutoTokenizer.from_pretrained(hf_path)
     train = _load(cfg, cfg.data.path, tokenizer)
