@@ -11,8 +11,9 @@ import trapo_megatron
 SINCE_TORCH_2_4 = {
     "ProcessGroup", "ReduceOp", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce",
     "barrier", "broadcast", "broadcast_object_list", "checkpoint", "destroy_process_group", "get_backend",
-    "get_global_rank", "get_rank", "get_world_size", "group", "init_process_group", "is_available",
+    "get_global_rank", "get_process_group_ranks", "get_rank", "get_world_size", "group", "init_process_group", "is_available",
     "is_initialized", "new_group", "recv", "send", "reduce_scatter_tensor",
+    "elastic", "run",  # modules: torchrun (torch.distributed.run) and its elastic agent
 }
 ROOT = pathlib.Path(trapo_megatron.__file__).parent
 

@@ -131,7 +131,7 @@ def _pp_worker(rank, world_size, cfg, hf_dir, mcore_dir, ids, ref_logits, ref_st
             hidden = model[0](ids, pos, mask)  # (s, b, h)
             dist.send(hidden.contiguous(), dst=1)
         else:
-            hidden = torch.empty(ids.shape[1], ids.shape[0], cfg.hidden_size)
+            hidden = torch.empty(ids.shape[1], ids.shape[0], cfg.hidden_size, device=platform.device())
             dist.recv(hidden, src=0)
             model[0].set_input_tensor(hidden)
             out["logits"] = (model[0](ids, pos, mask) - ref_logits).abs().max().item()
