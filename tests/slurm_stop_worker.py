@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from trapo_megatron.launch.agent import EXIT_STOPPED
+from trapo_megatron.train.stopping import EXIT_STOPPED
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

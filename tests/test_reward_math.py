@@ -209,3 +209,34 @@ def test_hang_and_crash_score_zero_and_are_counted():
 def test_config_errors(kwargs, knob):
     with pytest.raises(ValueError, match=knob):
         RewardConfig(**kwargs)
+
+
+def test_trainer_stop_signals_do_not_reach_the_graders():
+    """Slurm signals the whole process tree (its warning, the limit's SIGTERM): the grading workers and the
+    fork server must survive them, or a correct answer graded at that moment scores 0 as a crash. The
+    parent still gets its own signal (the trainer's graceful stop)."""
+    import os
+    import signal
+
+    import psutil
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: got.append(signum))
+    try:
+        with MathRewardPool(RewardConfig(num_workers=2)) as pool:
+            assert pool.score(["\\boxed{2}"], ["2"]) == [1.0]
+            graders = [p for p in psutil.Process().children(recursive=True)
+                       if "resource_tracker" not in " ".join(p.cmdline())]
+            assert len(graders) == 3  # the fork server and its two workers
+            for p in graders:
+                for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+                    os.kill(p.pid, sig)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.5)
+            assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in graders)
+            assert got == [signal.SIGUSR1]
+            pool._replace(pool._workers[0])  # the fork server still forks replacements
+            assert pool.score(["\\boxed{3}"] * 4, ["3"] * 4) == [1.0] * 4
+            assert pool.stats.num_crashes == 0
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -56,7 +56,7 @@ def topology_worker(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
     train_step, generate = MegatronPolicy.train_step, CpuEngine.generate
 
     def recording_train_step(self, mbs, loss_cfg):
-        keys = ("tokens", "position_ids", "attention_mask", *PER_TOKEN_KEYS)
+        keys = ("tokens", "position_ids", "cu_seqlens", *PER_TOKEN_KEYS)
         record["batches"].append(_digest([mb[k] for mb in mbs for k in keys]))
         return train_step(self, mbs, loss_cfg)
 

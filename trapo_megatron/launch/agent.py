@@ -15,8 +15,9 @@ saves a checkpoint and exits with EXIT_STOPPED. Plain torchrun gets in the way t
 - On SIGTERM torch elastic terminates the workers and SIGKILLs them 30 s later
   (torch/distributed/elastic/multiprocessing/api.py, ``PContext.close``), too soon to finish a large
   step: here the agent only passes SIGTERM on to its workers (harmless when Slurm already did) and keeps
-  watching them. ``TORCHELASTIC_SIGNALS_TO_HANDLE`` (read in ``PContext.start``) keeps torch from
-  installing its handler over ours.
+  watching them. torchrun's ``--signals-to-handle`` keeps torch from installing its handler over ours: the
+  launcher writes it into ``TORCHELASTIC_SIGNALS_TO_HANDLE`` (torch/distributed/launcher/api.py, overwriting
+  any value set before), which ``PContext.start`` reads (torch/distributed/elastic/multiprocessing/api.py).
 
 When every failed worker exited with EXIT_STOPPED, the agent exits with EXIT_STOPPED too (not torchrun's
 1), so the job's exit code says "stopped, resumable" and NeMo-Run's sbatch script requeues it while
@@ -26,12 +27,8 @@ When every failed worker exited with EXIT_STOPPED, the agent exits with EXIT_STO
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
-
-EXIT_STOPPED = 75
-"""The trainer's exit status after a graceful stop (EX_TEMPFAIL; trapo_megatron/train/stopping.py)."""
 
 TORCH_HANDLED = ("SIGINT", "SIGHUP", "SIGQUIT")
 """Signals torch elastic keeps handling (terminate the workers): the stop signals are ours."""
@@ -47,12 +44,13 @@ def _forward_to_workers(signum: int, _frame: object) -> None:
             pass
 
 
-def protect(stop_signals: list[str]) -> None:
-    """Install the agent's dispositions before torch elastic starts the workers."""
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(s for s in TORCH_HANDLED if s not in stop_signals)
+def protect(stop_signals: list[str]) -> list[str]:
+    """Install the agent's dispositions before torch elastic starts the workers; returns the torchrun flag
+    that leaves the stop signals to them."""
     for name in stop_signals:
         sig = signal.Signals[name]
         signal.signal(sig, _forward_to_workers if sig == signal.SIGTERM else signal.SIG_IGN)
+    return [f"--signals-to-handle={','.join(s for s in TORCH_HANDLED if s not in stop_signals)}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in stop_signals if s not in signal.Signals.__members__ or s in TORCH_HANDLED + ("SIGKILL",)]
     if bad:
         parser.error(f"--stop-signal {bad[0]}: not a signal a trainer can stop on")
-    protect(stop_signals)
+    torch_flags = protect(stop_signals)
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    from trapo_megatron.train.stopping import EXIT_STOPPED
+
     try:
-        torchrun(torchrun_args)
+        torchrun(torch_flags + torchrun_args)
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values()}
         if codes == {EXIT_STOPPED}:

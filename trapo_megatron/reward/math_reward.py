@@ -28,6 +28,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from typing import Literal, Self
 
@@ -220,6 +221,10 @@ class _Worker:
     since: float = 0.0
 
 
+_TRAINER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+"""Signals meant for the trainer (its stop signals, Slurm's warning and limit, Ctrl-C)."""
+
+
 class MathRewardPool:
     """Grades (response, gold) pairs in killable worker processes.
 
@@ -271,7 +276,19 @@ class MathRewardPool:
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=self._target, args=(child, self.cfg), daemon=True)
-        proc.start()
+        # The pool owns its workers' lives (SIGKILL at the backstop and on close; EOF on the pipe when the
+        # trainer dies). The trainer's stop signals must not reach them: Slurm signals the whole process
+        # tree, and a worker killed mid-grade would score a correct answer 0. A blocked signal stays blocked
+        # across fork and exec, so the fork server and every worker it forks inherit the mask; in this thread
+        # a signal that arrives meanwhile is only delayed until the mask is restored. The resource tracker
+        # starts first: its ensure_running blocks and then UNBLOCKS SIGINT/SIGTERM in this thread
+        # (multiprocessing/resource_tracker.py), which would undo the mask before the fork server starts.
+        resource_tracker.ensure_running()
+        saved = signal.pthread_sigmask(signal.SIG_BLOCK, _TRAINER_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved)
         child.close()
         return _Worker(proc=proc, conn=parent, since=time.monotonic())
 
