@@ -79,3 +79,12 @@ def test_memory_check_passes_the_recipes_layout_and_names_a_bad_one() -> None:
     assert checks.check_memory(spec, "h100-80gb", 4, 8, 4, 4, 9216, "bf16") is None  # the recipe's layout
     warning = checks.check_memory(spec, "h100-80gb", 1, 8, 8, 1, 9216, "bf16")
     assert warning and "qwen2.5-32b at TP8 x PP1 x DP1" in warning
+
+
+def test_agent_reads_a_graceful_stop_from_the_workers_exit_codes() -> None:
+    """torch elastic SIGTERMs the workers still shutting down once the first one exits 75 (seen under Slurm:
+    rank 1 exit 75, rank 0 -15): still a stop, after a committed checkpoint. Anything else is a failure."""
+    from trapo_megatron.launch.agent import stopped_cleanly
+
+    assert stopped_cleanly({75}) and stopped_cleanly({75, -15})
+    assert not stopped_cleanly({-15}) and not stopped_cleanly({75, 1}) and not stopped_cleanly({1})

@@ -53,6 +53,19 @@ def protect(stop_signals: list[str]) -> list[str]:
     return [f"--signals-to-handle={','.join(s for s in TORCH_HANDLED if s not in stop_signals)}"]
 
 
+def stopped_cleanly(exit_codes: set[int]) -> bool:
+    """Whether the failed workers' exit codes mean a graceful stop.
+
+    A worker exits EXIT_STOPPED only after the stop's checkpoint is committed on every rank (the commit ends
+    in a barrier). The first such exit makes torch elastic stop the group: it SIGTERMs the workers still
+    shutting down, which then report -SIGTERM. So at least one EXIT_STOPPED and nothing but -SIGTERM besides
+    is a clean stop; any other code is a failure.
+    """
+    from trapo_megatron.train.stopping import EXIT_STOPPED
+
+    return EXIT_STOPPED in exit_codes and exit_codes <= {EXIT_STOPPED, -signal.SIGTERM}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trapo_megatron.launch.agent", add_help=False)
     parser.add_argument("--stop-signal", action="append", default=[], dest="stop_signals",
@@ -72,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torchrun(torch_flags + torchrun_args)
     except ChildFailedError as e:
-        codes = {failure.exitcode for failure in e.failures.values()}
-        if codes == {EXIT_STOPPED}:
+        if stopped_cleanly({failure.exitcode for failure in e.failures.values()}):
             print(f"trapo agent: every worker stopped on a signal after a checkpoint (exit {EXIT_STOPPED})",
                   file=sys.stderr, flush=True)
             return EXIT_STOPPED
