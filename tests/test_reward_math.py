@@ -225,9 +225,10 @@ def test_trainer_stop_signals_do_not_reach_the_graders():
     try:
         with MathRewardPool(RewardConfig(num_workers=2)) as pool:
             assert pool.score(["\\boxed{2}"], ["2"]) == [1.0]
-            graders = [p for p in psutil.Process().children(recursive=True)
-                       if "resource_tracker" not in " ".join(p.cmdline())]
-            assert len(graders) == 3  # the fork server and its two workers
+            from multiprocessing import forkserver
+
+            pids = [w.proc.pid for w in pool._workers] + [forkserver._forkserver._forkserver_pid]
+            graders = [psutil.Process(pid) for pid in pids]  # the two workers and the fork server
             for p in graders:
                 for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
                     os.kill(p.pid, sig)

@@ -181,7 +181,13 @@ def _on_alarm(signum, frame):
     raise _ItemTimeout()
 
 
+_TRAINER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+"""Signals meant for the trainer (its stop signals, Slurm's warning and limit, Ctrl-C)."""
+
+
 def _worker_main(conn: Connection, cfg: RewardConfig) -> None:
+    # Inherited from MathRewardPool._spawn already, unless the process's fork server was started elsewhere.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _TRAINER_SIGNALS)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     import math_verify  # noqa: F401 - import before reporting ready, so grading time excludes it
@@ -219,10 +225,6 @@ class _Worker:
     ready: bool = False
     item: int | None = None
     since: float = 0.0
-
-
-_TRAINER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
-"""Signals meant for the trainer (its stop signals, Slurm's warning and limit, Ctrl-C)."""
 
 
 class MathRewardPool:
