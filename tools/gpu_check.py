@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -172,9 +173,9 @@ def check_train_step(hf_dir: Path, num_tokens: int, device: str) -> dict[str, An
 
     step.zero_grad(ddp, optimizer)
     out = step.forward_backward(ddp, [mb], loss_fn)
-    applied, grad_norm = step.optimizer_step(optimizer, scheduler)
-    moved = sum(not torch.equal(before[n], p.detach().float()) for n, p in ddp[0].module.named_parameters())
     loss = float(out[0]["loss"])
+    applied, grad_norm, _ = step.optimizer_step(optimizer, scheduler, loss_finite=math.isfinite(loss))
+    moved = sum(not torch.equal(before[n], p.detach().float()) for n, p in ddp[0].module.named_parameters())
     plan = PlanConfig(num_gpus=1, gpus_per_node=1, precision="bf16" if device == "cuda" else "fp32",
                       seq_length=num_tokens, colocate_vllm=False, transformer_impl="local")
     planned = stage_memory(spec_from_hf_config(cfg.to_dict()), plan, Layout(tp=1, pp=1, dp=1), 0).train(False)
