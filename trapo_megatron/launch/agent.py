@@ -30,13 +30,16 @@ import argparse
 import signal
 import sys
 
+# A dependency of dist_checkpointing, always installed with megatron-core. Imported here, not in the signal
+# handler: a handler that imports while the main thread is importing psutil sees a partial module (seen under
+# Slurm's time limit: "partially initialized module 'psutil' has no attribute 'Process'").
+import psutil
+
 TORCH_HANDLED = ("SIGINT", "SIGHUP", "SIGQUIT")
 """Signals torch elastic keeps handling (terminate the workers): the stop signals are ours."""
 
 
 def _forward_to_workers(signum: int, _frame: object) -> None:
-    import psutil  # a dependency of dist_checkpointing, always installed with megatron-core
-
     for child in psutil.Process().children():
         try:
             child.send_signal(signum)
