@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 64, "rms_norm_eps": 1e-6}
@@ -47,3 +48,16 @@ def causal_mask(seq: int) -> torch.Tensor:
 
 def input_ids(vocab: int, batch: int = 2, seq: int = 9, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def full_logits(model, ids):
+    """Logits (b, s, V) of a Megatron model at any TP: this rank's vocabulary shard gathered over TP."""
+    from megatron.core import parallel_state as ps
+
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        local = model[0](ids, pos, causal_mask(ids.shape[1]))  # (b, s, V/TP)
+    group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)

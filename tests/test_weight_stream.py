@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from _convert_helpers import causal_mask, hf_config, hf_model, input_ids, save_hf
+from _convert_helpers import causal_mask, full_logits, hf_config, hf_model, input_ids, save_hf
 
 from trapo_megatron.convert import hf_io
 from trapo_megatron.convert.hf_to_mcore import convert_hf_to_mcore
@@ -38,18 +38,6 @@ def _stream_mismatches(model, cfg, ref_state, bucket_bytes):
     return bad + sorted(set(ref_state) - seen), buckets
 
 
-def _full_logits(model, ids):
-    from megatron.core import parallel_state as ps
-
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
-    with torch.no_grad():
-        local = model[0](ids, pos, causal_mask(ids.shape[1]))  # (b, s, V/TP)
-    group = ps.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
 def _tp_worker(rank, world_size, cfg, hf_dir, mcore_dir, save_dir, ids, ref_logits, ref_state):
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -62,14 +50,14 @@ def _tp_worker(rank, world_size, cfg, hf_dir, mcore_dir, save_dir, ids, ref_logi
     platform.initialize(par)
     model = model_builder.build_model(cfg, par)
     load_hf_into_model(model, hf_dir, tp_group=ps.get_tensor_model_parallel_group())
-    out["tp1_logits"] = (_full_logits(model, ids) - ref_logits).abs().max().item()
+    out["tp1_logits"] = (full_logits(model, ids) - ref_logits).abs().max().item()
     out["tp1_stream"] = _stream_mismatches(model, cfg, ref_state, bucket_bytes=2**30)
 
     par = platform.ParallelConfig(tensor_model_parallel_size=2)
     platform.initialize(par)
     model = model_builder.build_model(cfg, par)
     model[0].load_state_dict(dist_checkpointing.load(model[0].sharded_state_dict(), mcore_dir))
-    out["tp2_logits"] = (_full_logits(model, ids) - ref_logits).abs().max().item()
+    out["tp2_logits"] = (full_logits(model, ids) - ref_logits).abs().max().item()
     out["tp2_stream"] = _stream_mismatches(model, cfg, ref_state, bucket_bytes=40_000)
     direct = model_builder.build_model(cfg, par)
     load_hf_into_model(direct, hf_dir, tp_group=ps.get_tensor_model_parallel_group())

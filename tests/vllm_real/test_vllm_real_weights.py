@@ -9,8 +9,7 @@ PP=2, to 1e-4 in fp32."""
 
 import _vllm_real
 import torch
-import torch.distributed as dist
-from _convert_helpers import causal_mask, hf_model, input_ids, save_hf
+from _convert_helpers import full_logits, hf_model, input_ids, save_hf
 
 from trapo_megatron.testing import run_distributed
 
@@ -54,18 +53,6 @@ def _megatron(cfg, hf_dir, layout):
     return model
 
 
-def _megatron_tp_logits(model, ids):
-    from megatron.core import parallel_state as ps
-
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
-    with torch.no_grad():
-        local = model[0](ids, pos, causal_mask(ids.shape[1]))  # (b, s, V/TP)
-    group = ps.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
 def _worker(rank, world_size, cases, ids):
     from megatron.core import parallel_state as ps
     from transformers import AutoConfig
@@ -94,7 +81,7 @@ def _worker(rank, world_size, cases, ids):
             if not torch.equal(p.detach()[: want.shape[0]], want):
                 bad.append(name)
         got = _vllm_real.logits(vmodel, vcfg, ids, cfg_hf.vocab_size)
-        ref = _megatron_tp_logits(mcore, ids) if layout == "tp" else ref_logits
+        ref = full_logits(mcore, ids) if layout == "tp" else ref_logits
         out.append({"case": (family, tied, layout), "loaded": sorted(loaded), "params": sorted(params), "bad": bad,
                     "logits": (got - ref).abs().max().item(), "ref_vs_hf": (ref - ref_logits).abs().max().item()})
     return out
