@@ -61,7 +61,21 @@ def _batched_logprobs(
     return out
 
 
-class CpuEngine:
+class _SleepState:
+    """The lifecycle state both CPU engines track so it is checked like vLLM's: after a sleep only a refit
+    (load_weights) wakes the engine."""
+
+    _sleeping: bool
+
+    def wake_up(self) -> None:
+        check_wake_up(self._sleeping)
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self._sleeping
+
+
+class CpuEngine(_SleepState):
     """Rollout engine on transformers (fp32 by default). Implements ``RolloutEngine``.
 
     CpuEngine(hf_config) builds a randomly initialised model (like vLLM's load_format="dummy");
@@ -186,18 +200,11 @@ class CpuEngine:
         """Nothing to free on CPU; only the state is tracked so the lifecycle is checked like on GPU."""
         self._sleeping = True
 
-    def wake_up(self) -> None:
-        check_wake_up(self._sleeping)
-
-    @property
-    def is_sleeping(self) -> bool:
-        return self._sleeping
-
     def close(self) -> None:
         self._sleeping = True
 
 
-class ReplicaCpuEngine:
+class ReplicaCpuEngine(_SleepState):
     """The CPU twin of one engine replica of several ranks. Implements ``RolloutEngine`` on every rank.
 
     vLLM runs one model sharded over the replica's ranks and every rank gets the outputs; the twin runs the
@@ -236,13 +243,6 @@ class ReplicaCpuEngine:
         self._sleeping = True
         if self.engine is not None:
             self.engine.sleep()
-
-    def wake_up(self) -> None:
-        check_wake_up(self._sleeping)
-
-    @property
-    def is_sleeping(self) -> bool:
-        return self._sleeping
 
     def close(self) -> None:
         self._sleeping = True
