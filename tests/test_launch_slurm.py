@@ -154,7 +154,10 @@ def test_time_limit_signal_checkpoints_and_the_next_job_finishes(slurm_cluster, 
 def test_time_limit_signal_reaches_the_workers_through_the_agent(slurm_cluster, tmp_path, monkeypatch) -> None:
     """The launcher's side of a time limit, with a stand-in trainer (tests/slurm_stop_worker.py): a 1-minute
     job with --signal USR1@50 under the agent. Slurm's warning (or, when it came before the workers caught
-    it, the limit's SIGTERM) reaches both ranks, which exit 75; the agent survives it and exits 75 too."""
+    it, the limit's SIGTERM) reaches both ranks, which exit 75; the agent survives it and exits 75 too.
+    Under the limit a worker may get SIGTERM several times (slurmstepd signals every process of the step, srun
+    passes it on, the agent forwards it; seen: 4 within 0.1 s): the trainer's handler keeps the first and
+    ignores the rest, and so does the stand-in."""
     import io
 
     from trapo_megatron.launch import executors
@@ -172,5 +175,6 @@ def test_time_limit_signal_reaches_the_workers_through_the_agent(slurm_cluster, 
     assert executors.run_slurm(script, executor, "stop-signal") == 1  # a stopped job is not a completed one
     (log,) = (tmp_path / "nemorun").rglob("log-*_0.out")
     text = log.read_text()
-    assert re.search(r"rank 0 got \['SIG(USR1|TERM)'\]", text) and re.search(r"rank 1 got \['SIG(USR1|TERM)'\]", text)
+    for rank in (0, 1):  # one or more stop signals, nothing else
+        assert re.search(rf"rank {rank} got \['SIG(USR1|TERM)'(, 'SIG(USR1|TERM)')*\]", text), text[-3000:]
     assert "every worker stopped on a signal" in text, text[-3000:]
