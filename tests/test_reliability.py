@@ -174,3 +174,20 @@ def test_reliability_knobs_are_checked(tmp_path: Path, override: str, needle: st
 
     with pytest.raises(ConfigError, match=needle):
         load_config(str(CONFIG), [*tiny(tmp_path), override])
+
+
+def test_repeated_stop_signals_keep_the_first_and_close_restores_the_handlers() -> None:
+    """Under a Slurm time limit a rank gets SIGTERM several times (the step, srun and the agent each send it),
+    after the USR1 warning or not: the first one names the stop, the rest change nothing."""
+    from trapo_megatron.train.stopping import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopSignals(("SIGUSR1", "SIGTERM"))
+    try:
+        assert stop.received is None
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGTERM, signal.SIGTERM):
+            os.kill(os.getpid(), sig)
+        assert stop.received == "SIGUSR1"
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGTERM) is before
