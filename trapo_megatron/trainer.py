@@ -46,7 +46,7 @@ class Trainer:
         self.reward_counters = RewardCounters(self.run.rollout.scorer.scorer)
         self.log = MetricsLogger(self.out, enabled=self.run.is_rank0, total_steps=cfg.run.max_steps,
                                  start_step=self.step, progress=cfg.run.progress,
-                                 sinks=lambda: build_sinks(cfg.logging, self.out, to_dict(cfg)))
+                                 sinks=lambda start: build_sinks(cfg.logging, self.out, to_dict(cfg), start))
         self.times: dict[str, float] = {}
         self.offloaded_bytes = 0
 
@@ -72,7 +72,6 @@ class Trainer:
             with self.timed("rollout"):
                 self.reward_counters.start()
                 rollouts = run.rollout.roll_out(batch, step)
-                faults.fire("rollout")
             with self.timed("restore"):
                 run.offload.restore()
             with self.timed("train"):

@@ -27,6 +27,7 @@ from trapo_megatron.data.dataset import Example
 from trapo_megatron.rollout.engine import RolloutEngine, SamplingParams
 from trapo_megatron.rollout.replicas import ReplicaLayout, broadcast_from_leader
 from trapo_megatron.rollout.waves import Rollout, RolloutConfig, Scorer, WaveStats, run_waves, stop_token_ids
+from trapo_megatron.train import faults
 
 
 class ReplicaScorer:
@@ -40,7 +41,9 @@ class ReplicaScorer:
 
     def score(self, responses: list[str], golds: list[str]) -> list[float]:
         scores = self.scorer.score(responses, golds) if self.scorer is not None else None
-        return broadcast_from_leader(scores, self.layout, self.group)
+        scores = broadcast_from_leader(scores, self.layout, self.group)
+        faults.fire("rollout")  # mid-rollout: a wave graded, the next one not yet decided
+        return scores
 
     def close(self) -> None:
         if self.scorer is not None:

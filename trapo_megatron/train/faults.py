@@ -16,7 +16,8 @@ import os
 import signal
 
 POINTS = ("step_start", "rollout", "loss", "optimizer", "mid_save", "after_latest")
-"""step_start: before a step's rollout; rollout: engine awake, after generation and grading; loss: the
+"""step_start: before a step's rollout; rollout: engine awake, between waves (after each wave is graded, before
+the next micro-groups are decided; the first wave's for a kill); loss: the
 training loss (``nan``); optimizer: gradients reduced, before the update; mid_save: this rank's checkpoint
 shards written, before the completion marker; after_latest: right after ``latest`` moved."""
 
