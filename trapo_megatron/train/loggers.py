@@ -4,7 +4,9 @@ Every sink gets exactly the numbers metrics.jsonl gets, under the same names, at
 only). W&B is optional: listed in the config but not installed is an error that says how to install it.
 Its mode follows ``logging.wandb_mode``, else the WANDB_MODE environment variable (offline runs need no
 network; `wandb sync <run dir>/wandb/offline-run-*` uploads them later). A resumed run continues the same
-W&B run: its id is kept in <output_dir>/wandb/run_id.
+W&B run: its id is kept in <output_dir>/wandb/run_id. W&B drops a step at or below one it already holds, so
+the steps a killed run logged after its last checkpoint keep their first values there (equal to the
+replayed ones but for the timings: resume is exact); TensorBoard purges and replaces them.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ class Sink(Protocol):
 
 
 class TensorBoardSink:
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, start_step: int = 0) -> None:
+        """``start_step``: the step the run resumes after; the events a killed run logged past it are purged
+        by TensorBoard's readers (``purge_step``), so each step shows once, as metrics.jsonl keeps it."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(str(out_dir / "tensorboard"))
+        self._writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -80,12 +84,12 @@ class WandbSink:
         self._run.finish()
 
 
-def build_sinks(cfg: LoggingConfig, out_dir: Path, run_config: dict[str, Any]) -> list[Sink]:
-    """The configured sinks (call on rank 0 only)."""
+def build_sinks(cfg: LoggingConfig, out_dir: Path, run_config: dict[str, Any], start_step: int) -> list[Sink]:
+    """The configured sinks of a run resuming after ``start_step`` (0: a fresh run); call on rank 0 only."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sinks: list[Sink] = []
     if "tensorboard" in cfg.loggers:
-        sinks.append(TensorBoardSink(out_dir))
+        sinks.append(TensorBoardSink(out_dir, start_step))
     if "wandb" in cfg.loggers:
         sinks.append(WandbSink(cfg, out_dir, run_config))
     return sinks

@@ -22,8 +22,9 @@ class MetricsLogger:
     """Append-only metrics of a run; on resume, rows after the resumed step are dropped first."""
 
     def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool,
-                 sinks: Callable[[], list[Sink]] | None = None) -> None:
-        """``sinks`` builds the experiment loggers (called on the enabled rank only); None: TensorBoard."""
+                 sinks: Callable[[int], list[Sink]] | None = None) -> None:
+        """``sinks(start_step)`` builds the experiment loggers (called on the enabled rank only); None:
+        TensorBoard."""
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
         self._sinks: list[Sink] = []
@@ -32,7 +33,7 @@ class MetricsLogger:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
-        self._sinks = sinks() if sinks is not None else [TensorBoardSink(out_dir)]
+        self._sinks = sinks(start_step) if sinks is not None else [TensorBoardSink(out_dir, start_step)]
         if progress:
             from tqdm import tqdm
 
