@@ -11,6 +11,7 @@ leaves device memory from before the weight sync (the engine wakes) until the ro
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +60,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         cfg, run = self.cfg, self.run
+        if self.step >= cfg.run.max_steps:  # a chained or requeued job after the run ended: no re-export
+            if run.is_rank0:
+                print(f"trapo: {self.out} already ran its {cfg.run.max_steps} steps (run.max_steps); nothing to do",
+                      file=sys.stderr, flush=True)
+            self.log.close()
+            return self.outcome(stopped=False)
         self.sync_weights()  # the engine starts from the checkpoint the policy was (re)loaded from
         first = run.evaluate() if self.step == 0 else None
         if first is not None:
@@ -109,6 +116,9 @@ class Trainer:
         self.log.close()
         if run.is_rank0:
             plot_run(self.out)
+        return self.outcome(stopped)
+
+    def outcome(self, stopped: bool) -> dict[str, Any]:
         return {"out": str(self.out), "steps": self.step, "stopped": stopped}
 
     def state(self, step: int) -> dict[str, Any]:

@@ -124,4 +124,7 @@ class Checkpointer:
                              f"{dist.get_world_size()}: resume with the same world size (or convert it)")
         self.policy.load(directory)
         _set_rng_states(torch.load(directory / f"rng_rank{dist.get_rank():05d}.pt", weights_only=True))
-        return json.loads((directory / TRAINER_STATE).read_text())
+        state = json.loads((directory / TRAINER_STATE).read_text())
+        if dist.get_rank() == 0:
+            print(f"trapo: resuming from {directory} (step {state['step']})", file=sys.stderr, flush=True)
+        return state
