@@ -94,9 +94,10 @@ def test_cluster_knobs_reach_the_script(capsys, monkeypatch) -> None:
                      "--constraint", "h100", "--exclude", "node[01-02]", "--srun-arg=--mpi=pmix",
                      "--container-env", "WANDB_API_KEY", "--additional-parameter", "mail-type=END",
                      "--env-from-host", "WANDB_API_KEY", "--retries", "3", "--signal", "USR1@600",
-                     "--time", "2-00:00:00", "--", *GPU_PATHS)
+                     "--time", "2-00:00:00", "--after", "4242", "--", *GPU_PATHS)
     for flag in ("--qos=high", "--gres=gpu:8", "--mem=0", "--constraint=h100", "--exclude='node[01-02]'",
-                 "--mail-type=END", "--export=ALL", "--signal=USR1@600", "--time=2-00:00:00"):
+                 "--mail-type=END", "--export=ALL", "--signal=USR1@600", "--time=2-00:00:00",
+                 "--dependency=afterany:4242"):
         assert f"#SBATCH {flag}" in script, flag  # nemo-run shell-quotes values
     assert "--mpi=pmix" in script and "--container-env WANDB_API_KEY" in script
     assert "export TORCHX_MAX_RETRIES=3" in script

@@ -41,6 +41,10 @@ BAD_LAUNCHES = [
      "--env-from-host TRAPO_NOT_SET_TOKEN: it is not set in this environment"),
     ("relative job dir", ["--recipe", "tiny-cpu", "--executor", "slurm", "--job-dir", "~/jobs", "--dryrun"],
      "--job-dir '~/jobs' must be an absolute path"),
+    ("after a non-job", ["--recipe", "tiny-cpu", "--executor", "slurm", "--after", "job7", "--dryrun"],
+     "--after 'job7' must be a Slurm job id"),
+    ("two dependencies", ["--recipe", "tiny-cpu", "--executor", "slurm", "--after", "7", "--additional-parameter",
+                          "dependency=afterok:6", "--dryrun"], "--after and --additional-parameter dependency"),
     ("ssh without a job dir", ["--recipe", "tiny-cpu", "--executor", "slurm", "--ssh", "me@login", "--dryrun"],
      "--ssh needs --job-dir"),
 ]

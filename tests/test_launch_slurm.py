@@ -121,34 +121,62 @@ def test_scontrol_requeue_restarts_and_resumes_exactly(slurm_cluster, reference,
     assert resumed == {k: reference[k] for k in range(1, steps + 1)}
 
 
-def test_time_limit_signal_checkpoints_and_the_next_job_finishes(slurm_cluster, reference, tmp_path) -> None:
-    """A 1-minute job with the warning signal stops after a step with a checkpoint (exit 75: every rank
-    stopped on the signal; the limit's SIGTERM does the same when the warning came too early); the next job
-    resumes and finishes, and every step equals the uninterrupted run's.
+def _times(job_id: str) -> tuple[str, str]:
+    """(StartTime, EndTime) of a job the controller still knows (ISO 8601: ordered as strings)."""
+    out = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    return fields["StartTime"], fields["EndTime"]
 
-    The next job is a second submission with the recipe's own limit, not a `--chain` link: every link of a
-    chain has the same 1-minute limit, and Slurm may send the warning up to a minute early, i.e. while the
-    next link is still starting, so each later link advances by one step (seen: 29 steps, then 1). The chain's
-    dependencies are checked in the dry-run tests."""
+
+def test_time_limit_signal_checkpoints_and_the_chained_job_finishes(slurm_cluster, reference, tmp_path) -> None:
+    """A 1-minute job with the warning signal stops after a step with a checkpoint (exit 75: every rank
+    stopped on the signal; the limit's SIGTERM does the same when the warning came too early). A job submitted
+    while it runs with ``--after <its id>`` waits for it (afterany), resumes and finishes, and every step equals
+    the uninterrupted run's.
+
+    The chained job has the recipe's own limit, not a second 1-minute one: Slurm may send the warning up to a
+    minute early, i.e. while a 1-minute link is still starting, so each later link of a 1-minute ``--chain``
+    advances by one step (seen: 29 steps, then 1); ``--chain`` itself is run in the next test."""
     run_dir = tmp_path / "run"
     overrides = [f"run.max_steps={NUM_STEPS}", f"run.output_dir={run_dir}", "checkpoint.save_every=0"]
-    rc, out = _finish(_launch(tmp_path, "--time", "1", "--signal", "USR1@50", overrides=overrides), tmp_path)
+    proc = _launch(tmp_path, "--time", "1", "--signal", "USR1@50", overrides=overrides)
+    _wait_for(lambda: "submitted job(s)" in (tmp_path / "launch.log").read_text(), "the first job's id", proc)
+    (first,) = _job_ids((tmp_path / "launch.log").read_text())
+    second = tmp_path / "second"
+    second.mkdir()
+    chained = _launch(second, "--after", first, overrides=overrides)  # queued behind the running job
+    rc, out = _finish(proc, tmp_path)
     assert rc != 0, out[-5000:]  # a stopped job is not a completed one
-    (first,) = _job_ids(out)
     assert re.match(r"(FAILED, exit code 75:0|TIMEOUT)", _ended(out, first)), _ended(out, first)
     logs = Path(tmp_path / "nemorun").rglob(f"log-*_{first}_0.out")
     assert any("every worker stopped on a signal" in p.read_text() for p in logs), "job 1 did not stop on a signal"
-    (stopped,) = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
-    assert stopped < f"step_{NUM_STEPS:06d}", stopped
-    second = tmp_path / "second"
-    second.mkdir()
-    rc, out = _finish(_launch(second, overrides=overrides), second)
+    rc, out = _finish(chained, second)
     assert rc == 0, out[-5000:]
     (job,) = _job_ids(out)
     assert _ended(out, job).startswith("COMPLETED, exit code 0:0"), out[-3000:]
+    assert _times(job)[0] >= _times(first)[1]  # Slurm held it until the first job had ended
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
-    assert saved == [stopped, f"step_{NUM_STEPS:06d}"], saved  # the stop's, and the end's
+    assert len(saved) == 2 and saved[0] < saved[1] == f"step_{NUM_STEPS:06d}", saved  # the stop's, the end's
     assert _metrics(run_dir) == reference
+
+
+def test_chain_links_run_one_after_the_other_and_resume(slurm_cluster, reference, tmp_path) -> None:
+    """`--chain 2` of a 4-step run: the first link runs it through; the second starts only once the first has
+    ended (afterany), resumes from its last checkpoint and finds nothing left to do (no step, no re-export)."""
+    run_dir = tmp_path / "run"
+    rc, out = _finish(_launch(tmp_path, "--chain", "2", overrides=[
+        "run.max_steps=4", f"run.output_dir={run_dir}", "checkpoint.save_every=2"]), tmp_path)
+    assert rc == 0, out[-5000:]
+    first, second = _job_ids(out)
+    for job in (first, second):
+        assert _ended(out, job).startswith("COMPLETED, exit code 0:0"), out[-3000:]
+    assert _times(second)[0] >= _times(first)[1]
+    (log,) = Path(tmp_path / "nemorun").rglob(f"log-*_{second}_0.out")
+    text = log.read_text()
+    assert f"resuming from {run_dir / 'checkpoints' / 'step_000004'} (step 4)" in text, text[-3000:]
+    assert "nothing to do" in text, text[-3000:]
+    assert _metrics(run_dir) == {k: reference[k] for k in range(1, 5)}
 
 
 def test_time_limit_signal_reaches_the_workers_through_the_agent(slurm_cluster, tmp_path, monkeypatch) -> None:

@@ -105,6 +105,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default %(default)s)")
     slurm.add_argument("--chain", type=int, default=1,
                        help="submit N jobs, each starting after the previous ends and resuming the run")
+    slurm.add_argument("--after", default="", metavar="JOBID",
+                       help="start after this job ends (afterany), e.g. to resume a run whose job is running")
     slurm.add_argument("--job-dir", default="",
                        help="NeMo-Run's directory for the job's files (with --ssh: on the cluster)")
     slurm.add_argument("--ssh", default=None, metavar="USER@HOST", help="submit through this login node")
@@ -255,6 +257,7 @@ def plan_launch(args: argparse.Namespace) -> Plan:
                 package_code=shipped, python=args.python, qos=args.qos, gres=args.gres, mem=args.mem,
                 constraint=args.constraint, exclude=args.exclude, srun_args=args.srun_args,
                 container_env=args.container_env, retries=args.retries, signal=args.signal, chain=args.chain,
+                after=args.after,
                 additional_parameters=_pairs("--additional-parameter", args.additional_parameter))
         except ValueError as e:
             raise LaunchError(str(e)) from None

@@ -110,6 +110,8 @@ def slurm_executor(task: Task, recipe: Recipe, cluster: ClusterSettings,
              for name in cluster.env_from_host]
     if cluster.env_from_host:
         extra.setdefault("export", "ALL")
+    if cluster.after:
+        extra["dependency"] = f"afterany:{cluster.after}"
     return run.SlurmExecutor(
         account=cluster.account or None, partition=cluster.partition, qos=cluster.qos, gres=cluster.gres,
         mem=cluster.mem, constraint=cluster.constraint, exclude=cluster.exclude,
@@ -155,10 +157,15 @@ def recipe_executor(recipe: str, task: str = "train", cluster: ClusterSettings |
 
 
 def _chained(exp: run.Experiment, task: run.Script, executor: run.Executor, name: str, chain: int) -> None:
-    """``chain`` copies of the job, each depending on the previous one (the executor's dependency_type)."""
+    """``chain`` copies of the job, each depending on the previous one (the executor's dependency_type; NeMo-Run
+    writes it). A dependency of the job's own (``--after``) stays with the first link."""
     for i in range(chain):
-        exp.add(task, executor=executor.clone() if i else executor, name=f"{name}-{i}" if chain > 1 else name,
-                tail_logs=False)
+        link = executor
+        if i:
+            link = executor.clone()
+            link.additional_parameters = {k: v for k, v in (link.additional_parameters or {}).items()
+                                          if k != "dependency"} or None
+        exp.add(task, executor=link, name=f"{name}-{i}" if chain > 1 else name, tail_logs=False)
 
 
 def sbatch_script(task: run.Script, executor: run.SlurmExecutor, name: str) -> str:

@@ -6,6 +6,7 @@ tests; the 32B layout is the one NeMo-RL publishes for Qwen3-32B (TP4 x PP4 on 3
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -183,6 +184,9 @@ class ClusterSettings:
     """Warning before the time limit (sbatch --signal): the trainer checkpoints and exits; "" for none."""
     chain: int = 1
     """Jobs in a dependency chain (afterany): each starts when the previous ends and resumes the run."""
+    after: str = ""
+    """A Slurm job id the (first) job starts after (afterany), e.g. a running job of the same run that it
+    then resumes; "": none."""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node"):
@@ -204,6 +208,11 @@ class ClusterSettings:
             # directory (core/execution/slurm.py, SlurmBatchRequest.materialize): such a path would break
             raise ValueError(f"--job-dir {self.job_dir!r} contains '/nemo_run', which NeMo-Run rewrites in "
                              "scripts without a container; choose another directory")
+        if self.after and not re.fullmatch(r"\d+(_\d+)?", self.after):
+            raise ValueError(f"--after {self.after!r} must be a Slurm job id, e.g. 12345")
+        if self.after and "dependency" in self.additional_parameters:
+            raise ValueError("--after and --additional-parameter dependency=... both set the job's dependency; "
+                             "give one")
         if self.ssh and not self.job_dir:
             raise ValueError("--ssh needs --job-dir: an absolute directory on the cluster for the job's files")
 
