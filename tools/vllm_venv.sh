@@ -26,7 +26,7 @@ echo "vllm_venv: creating $venv with $python"
 lock=$(mktemp)
 trap 'rm -f "$lock"' EXIT
 grep -v '^transformer-engine' requirements/gpu-lock.txt > "$lock"
-VIRTUAL_ENV="$here/$venv" "$uv_bin" pip sync -q "$lock"
+VIRTUAL_ENV="$here/$venv" "$uv_bin" pip sync -q --compile-bytecode "$lock"  # why: tools/bootstrap.sh
 VIRTUAL_ENV="$here/$venv" "$uv_bin" pip install -q --no-deps -e .
 echo "$want" > "$stamp"
 echo "vllm_venv: $venv ready in $(( $(date +%s) - start )) s"
