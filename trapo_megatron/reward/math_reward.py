@@ -15,9 +15,13 @@ Grading modes (``reward.mode``, one function each in GRADERS):
   and the backstop bound the time instead.
 - "last_boxed": only the last \\boxed{...} in the response's last ``max_response_chars`` characters (or, with
   no box, what math-verify parses from that tail) counts.
-- "official_eval": the official evaluation script (eval_scripts/generate_vllm.py): the text after the first
-  "</think>" (the whole response without one) graded as "full"; when that fails, the boxed answer graded as
-  "last_boxed" (a stand-in for its fallback, oat's boxed grader, which is not a package).
+- "official_eval": the official evaluation script (Su-my/TRAPO eval_scripts/generate_vllm.py): the text after
+  the first "</think>" (the whole response without one, as the script does with NO_SPLIT_THINK) graded as
+  "full"; when that fails, the last \boxed{} graded as "last_boxed". The script's fallback
+  (eval_scripts/oat_math_grader.py, boxed_reward_fn) accepts the last \boxed{} when ANY of three checks
+  passes: a normalised string match that also strips ~150 unit words (lone letters among them, so "(c)"
+  matches "(a)"), a sympy difference, and math-verify on the boxed content. Only the third is reproduced
+  here, so a response the first two accept scores 0 here and 1 there.
 """
 
 from __future__ import annotations
