@@ -1,11 +1,11 @@
-"""Rollout-topology benchmark (CPU, world 4): wall time of one step's rollouts when every engine replica
-generates its own slice (engine TP 1: four replicas) against the leader-only path (engine TP 4: one replica,
-whose leader generates the whole batch while the other ranks wait for its outputs, as the CPU twin did before
-rollout/service.py). Same prompts, same seeds, same model (the demo's), the full service path: waves,
+"""Rollout-topology benchmark (CPU, world 4 by default): wall time of one step's rollouts when every engine
+replica generates its own slice (engine TP 1: one replica per rank) against the leader-only path (engine TP =
+world: one replica, whose leader generates the whole batch while the other ranks wait for its outputs, as the
+CPU twin did before rollout/service.py). Same prompts, same seeds, same model (the demo's), the full service path: waves,
 replica-wide grading with math-verify, the hand-over. Ratio = leader-only / all replicas (> 1: faster).
 
-    python benchmarks/rollout_topology.py [--prompts 16] [--repeats 2] [--threads 1]
-With 4 ranks on fewer than 4 cores the replicas compete for cores: the ratio is bounded by min(4, cores).
+    python benchmarks/rollout_topology.py [--world 4] [--prompts 16] [--repeats 2] [--threads 1]
+With more ranks than cores the replicas compete for cores: the ratio is bounded by min(world, cores).
 """
 
 from __future__ import annotations
@@ -60,16 +60,17 @@ def rollout_worker(rank: int, world: int, engine_tp: int, num_prompts: int, repe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", type=int, default=4, help="ranks (the demo's 2; the issue's 4)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts in the step (the demo's 16)")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per topology (best is kept)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seconds = {}
-    for name, engine_tp in (("all_replicas", 1), ("leader_only", 4)):
-        seconds[name] = max(run_distributed(rollout_worker, 4, engine_tp, args.prompts, args.repeats,
+    for name, engine_tp in (("all_replicas", 1), ("leader_only", args.world)):
+        seconds[name] = max(run_distributed(rollout_worker, args.world, engine_tp, args.prompts, args.repeats,
                                             timeout=1800, threads=args.threads))
-    print(json.dumps({"world": 4, "prompts": args.prompts, "cores": os.cpu_count(), **seconds,
+    print(json.dumps({"world": args.world, "prompts": args.prompts, "cores": os.cpu_count(), **seconds,
                       "ratio_leader_only_over_all_replicas": seconds["leader_only"] / seconds["all_replicas"]},
                      indent=2))
 
