@@ -13,9 +13,10 @@ venv:
 vllm-venv: venv
 	@bash tools/vllm_venv.sh $(VLLM_VENV)
 
-# The CPU suite, then the real-vLLM tests in their own venv. They never skip silently: a venv that cannot be
-# built fails the run; TRAPO_SKIP_VLLM_TESTS="<reason>" leaves them out and prints the reason.
-test: venv
+# Lint (ruff, pinned in the lock; under a second), the CPU suite, then the real-vLLM tests in their own venv.
+# They never skip silently: a venv that cannot be built fails the run; TRAPO_SKIP_VLLM_TESTS="<reason>" leaves
+# them out and prints the reason.
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory test-vllm
 

@@ -12,8 +12,8 @@ import re
 import torch
 import torch.distributed as dist
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, rms_norm_eps=1e-6)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 64, "rms_norm_eps": 1e-6}
 
 
 def tiny_hf_config(family: str, tied: bool = False, **overrides):

@@ -116,7 +116,7 @@ def test_solution_limit(tok):
 
 @pytest.mark.parametrize(
     "kwargs,knob",
-    [(dict(on_bad_row="warn"), "data.on_bad_row"), (dict(expert_text="all"), "data.expert_text")],
+    [({"on_bad_row": "warn"}, "data.on_bad_row"), ({"expert_text": "all"}, "data.expert_text")],
 )
 def test_config_errors(kwargs, knob):
     with pytest.raises(ValueError, match=knob):

@@ -75,13 +75,13 @@ def test_custom_schedule_and_wrong_reward_count():
 @pytest.mark.parametrize(
     "kwargs,knob",
     [
-        (dict(ratios=(0.0, 0.2, 0.5)), "micro_groups.ratios"),
-        (dict(thresholds=(0, 1)), "micro_groups.thresholds"),
-        (dict(ratios=(0.1, 0.2, 0.5, 1.0)), r"micro_groups.ratios\[0\]"),
-        (dict(ratios=(0.0, 0.2, 1.5, 1.0)), r"micro_groups.ratios\[1:\]"),
-        (dict(sizes=(4, 0, 1, 1)), "micro_groups.sizes"),
-        (dict(mode="luffy"), "micro_groups.mode"),
-        (dict(rounding="round"), "micro_groups.rounding"),
+        ({"ratios": (0.0, 0.2, 0.5)}, "micro_groups.ratios"),
+        ({"thresholds": (0, 1)}, "micro_groups.thresholds"),
+        ({"ratios": (0.1, 0.2, 0.5, 1.0)}, r"micro_groups.ratios\[0\]"),
+        ({"ratios": (0.0, 0.2, 1.5, 1.0)}, r"micro_groups.ratios\[1:\]"),
+        ({"sizes": (4, 0, 1, 1)}, "micro_groups.sizes"),
+        ({"mode": "luffy"}, "micro_groups.mode"),
+        ({"rounding": "round"}, "micro_groups.rounding"),
     ],
 )
 def test_config_errors_name_the_knob(kwargs, knob):

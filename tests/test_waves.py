@@ -90,7 +90,7 @@ def _run(tok, policy, mode="paper", second=False, **cfg):
 
 def test_one_engine_call_per_micro_group(tok):
     policy = {0: "always", 1: "never", 2: "guided", 5: "never", 7: "always"}
-    examples, engine, scorer, groups, stats = _run(tok, policy)
+    _, engine, scorer, groups, stats = _run(tok, policy)
     assert len(engine.calls) == stats.num_engine_calls == 4 and scorer.calls == 4
     # every wave's call carries all of that wave's generated samples, for all prompts at once
     assert [len(c[0]) for c in engine.calls] == [20, 10, 5, 2]  # MG4: the two 'always' prompts only
@@ -112,7 +112,7 @@ def test_full_expert_is_not_generated(tok):
 
 
 def test_decisions_prefixes_and_sft_flags(tok):
-    examples, engine, _, groups, _ = _run(tok, {0: "always", 1: "never", 2: "guided"})
+    examples, _, _, groups, _ = _run(tok, {0: "always", 1: "never", 2: "guided"})
     a, b, c = groups
     flat = [r for g in groups for r in g]
     unguided = [r for r in flat if not r.guided]  # all of a (8 right), first 4 of b and c (wrong)

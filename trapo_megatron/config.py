@@ -11,15 +11,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-
-T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -80,7 +79,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+def from_dict[T](cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build ``cls`` from a (possibly partial) mapping; missing fields keep their defaults."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -168,7 +167,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load(cls: type[T], paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> T:
+def load[T](cls: type[T], paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> T:
     """``cls`` from YAML files (merged in order: later files override earlier ones, e.g. a preset then an
     ablation) and dotted overrides, strictly checked."""
     if paths is None:
@@ -192,7 +191,7 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError):
             continue
         body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in itertools.pairwise(body):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                     and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                     and isinstance(nxt.value.value, str)):

@@ -7,6 +7,7 @@ a hang is cut by ``timeout`` and reported with every worker's state, so a mistak
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -41,10 +42,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            try:
+            with contextlib.suppress(Exception):  # teardown after a failure must not mask it
                 dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - teardown after a failure must not mask it
-                pass
 
 
 class WorkerError(AssertionError):

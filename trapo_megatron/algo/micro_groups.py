@@ -20,8 +20,9 @@ prefix is not counted twice. Pure python: no torch, megatron or vllm.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 Mode = Literal["paper", "official"]
 Rounding = Literal["ceil", "floor"]
