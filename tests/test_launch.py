@@ -88,6 +88,16 @@ def test_slurm_without_container_runs_this_checkout_with_this_python(capsys, tmp
     assert "--account" not in script and "--container" not in script
 
 
+def test_over_ssh_secrets_are_not_looked_up_here(capsys, monkeypatch) -> None:
+    """With --ssh the login node's sessions must hold the --env-from-host names (checked there on submission,
+    tests/test_launch_slurm.py): one unset on this machine is no error, and the script names it only."""
+    monkeypatch.delenv("TRAPO_SET_ON_LOGIN_ONLY", raising=False)
+    script = _sbatch(capsys, "--recipe", "tiny-cpu", "--executor", "slurm", "--ssh", "me@login:2222",
+                     "--ssh-identity", "/keys/id", "--job-dir", "/jobs", "--env-from-host", "TRAPO_SET_ON_LOGIN_ONLY",
+                     "--dryrun")
+    assert '[ -n "${TRAPO_SET_ON_LOGIN_ONLY+set}" ] ||' in script and "#SBATCH --export=ALL" in script
+
+
 def test_cluster_knobs_reach_the_script(capsys, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", "s3cr3t-value")
     script = _sbatch(capsys, "--recipe", "qwen2.5-32b", *SLURM, "--qos", "high", "--gres", "gpu:8", "--mem", "0",
@@ -102,7 +112,7 @@ def test_cluster_knobs_reach_the_script(capsys, monkeypatch) -> None:
     assert "--mpi=pmix" in script and "--container-env WANDB_API_KEY" in script
     assert "export TORCHX_MAX_RETRIES=3" in script
     assert "s3cr3t-value" not in script  # the secret travels by name only
-    assert ': "${WANDB_API_KEY:?' in script  # and the job stops at once when it did not arrive
+    assert '[ -n "${WANDB_API_KEY+set}" ] ||' in script  # the job stops at once when it did not arrive
 
 
 def test_nemo_run_errors_exit_1(tmp_path, capsys, monkeypatch) -> None:

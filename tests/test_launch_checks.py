@@ -45,6 +45,10 @@ BAD_LAUNCHES = [
      "--after 'job7' must be a Slurm job id"),
     ("two dependencies", ["--recipe", "tiny-cpu", "--executor", "slurm", "--after", "7", "--additional-parameter",
                           "dependency=afterok:6", "--dryrun"], "--after and --additional-parameter dependency"),
+    ("ssh target", ["--recipe", "tiny-cpu", "--executor", "slurm", "--ssh", "me@login:ssh", "--job-dir", "/jobs",
+                    "--dryrun"], "--ssh 'me@login:ssh' must look like USER@HOST or USER@HOST:PORT"),
+    ("identity without ssh", ["--recipe", "tiny-cpu", "--executor", "slurm", "--ssh-identity", "/k", "--dryrun"],
+     "--ssh-identity needs --ssh"),
     ("ssh without a job dir", ["--recipe", "tiny-cpu", "--executor", "slurm", "--ssh", "me@login", "--dryrun"],
      "--ssh needs --job-dir"),
 ]

@@ -9,6 +9,7 @@ Budget: the whole file is a few minutes on 2 cores (the runs are short; a requeu
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -31,12 +32,13 @@ NOT_COMPARED = re.compile(r"^time_|^tokens_per_s$")
 """Wall-clock metrics differ between any two runs."""
 
 
-def _launch(tmp: Path, *flags: str, overrides: list[str]) -> subprocess.Popen:
+def _launch(tmp: Path, *flags: str, overrides: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     """`trapo launch` in its own process (as a user runs it), its output in tmp/launch.log."""
     log = (tmp / "launch.log").open("w")
     cmd = [sys.executable, "-m", "trapo_megatron.launch", "--recipe", "tiny-cpu", "--executor", "slurm",
            "--job-dir", str(tmp / "nemorun"), *flags, "--", *RUN, *overrides]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            env=env)
 
 
 def _finish(proc: subprocess.Popen, tmp: Path, timeout: float = 800) -> tuple[int, str]:
@@ -177,6 +179,47 @@ def test_chain_links_run_one_after_the_other_and_resume(slurm_cluster, reference
     assert f"resuming from {run_dir / 'checkpoints' / 'step_000004'} (step 4)" in text, text[-3000:]
     assert "nothing to do" in text, text[-3000:]
     assert _metrics(run_dir) == {k: reference[k] for k in range(1, 5)}
+
+
+@pytest.fixture(scope="module")
+def login_node(slurm_cluster):
+    """An sshd on 127.0.0.1 in front of the cluster (cluster.sh login-up): its sessions set SLURM_CONF and
+    TRAPO_LOGIN_TOKEN, as a login node's profile would; yields (USER@HOST:PORT, private key)."""
+    script = Path(__file__).resolve().parents[1] / "tools" / "slurm" / "cluster.sh"
+    subprocess.run(["bash", str(script), "login-up", slurm_cluster, "TRAPO_LOGIN_TOKEN=login-secret"], check=True,
+                   timeout=60)
+    port = (Path(slurm_cluster) / "login" / "port").read_text().strip()
+    try:
+        yield f"root@127.0.0.1:{port}", str(Path(slurm_cluster) / "login" / "id_ed25519")
+    finally:
+        subprocess.run(["bash", str(script), "login-down", slurm_cluster], check=True, timeout=60)
+
+
+def test_ssh_submission_reads_secrets_on_the_login_node(login_node, reference, tmp_path) -> None:
+    """`--ssh USER@HOST:PORT --ssh-identity KEY` through NeMo-Run's SSH tunnel (rsync, sbatch, the follow-up
+    over ssh). sbatch runs in the login node's session, so `--env-from-host` names are checked THERE before
+    anything is submitted (exit 2 when one is missing, even if set here) and the job gets the login node's
+    value, which no file of the job holds; the run completes and equals the reference."""
+    target, key = login_node
+    env = {**os.environ, "NEMORUN_HOME": str(tmp_path / "local-nemorun"), "TRAPO_ONLY_HERE": "x"}
+    env.pop("TRAPO_LOGIN_TOKEN", None)
+    ssh = ["--ssh", target, "--ssh-identity", key]
+    run_dir = tmp_path / "run"
+    overrides = ["run.max_steps=2", f"run.output_dir={run_dir}", "checkpoint.save_every=0"]
+    rc, out = _finish(_launch(tmp_path, *ssh, "--env-from-host", "TRAPO_ONLY_HERE", overrides=overrides, env=env),
+                      tmp_path)
+    assert rc == 2, out[-3000:]
+    assert "--env-from-host TRAPO_ONLY_HERE: not set in the sessions of the login node" in out, out[-3000:]
+    assert "submitted job" not in out
+    rc, out = _finish(_launch(tmp_path, *ssh, "--env-from-host", "TRAPO_LOGIN_TOKEN", overrides=overrides, env=env),
+                      tmp_path)
+    assert rc == 0, out[-5000:]
+    (job,) = _job_ids(out)
+    assert _ended(out, job).startswith("COMPLETED, exit code 0:0"), out[-3000:]
+    job_files = [p for p in (tmp_path / "nemorun").rglob("*") if p.is_file()]
+    assert any(p.name.endswith("_sbatch.sh") for p in job_files), job_files  # rsynced to the login node's dir
+    assert not any("login-secret" in p.read_text(errors="replace") for p in job_files)
+    assert _metrics(run_dir) == {k: reference[k] for k in (1, 2)}
 
 
 def test_time_limit_signal_reaches_the_workers_through_the_agent(slurm_cluster, tmp_path, monkeypatch) -> None:

@@ -6,6 +6,8 @@
 #   tools/slurm/cluster.sh up DIR             # start the daemons, wait for the node to be idle
 #   tools/slurm/cluster.sh down DIR           # cancel every job, stop exactly the daemons `up` started
 #   . DIR/env                                 # SLURM_CONF for sbatch/srun/squeue/scontrol
+#   tools/slurm/cluster.sh login-up DIR [NAME=VALUE ...]   # an sshd "login node" on 127.0.0.1 for `--ssh`
+#   tools/slurm/cluster.sh login-down DIR     # stop it, drop its host key from /etc/ssh/ssh_known_hosts
 #
 # Environment: SLURM_NODE_CPUS (default: this machine's cores), SLURM_NODE_MEM_MB (default 20000),
 # SLURM_PORT (slurmctld; slurmd uses SLURM_PORT + 1; default: two free ports).
@@ -14,13 +16,14 @@
 # cred_expire below the default 120 s to restart a job quickly.
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge)
+PACKAGES=(slurmctld slurmd slurm-client munge openssh-server openssh-client rsync)
 NODE=trapo-node
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 
 have_slurm() { command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
-    && command -v munged >/dev/null && command -v mungekey >/dev/null; }
+    && command -v munged >/dev/null && command -v mungekey >/dev/null && [ -x /usr/sbin/sshd ] \
+    && command -v ssh-keygen >/dev/null && command -v rsync >/dev/null; }
 
 install() {
     have_slurm && return 0
@@ -140,9 +143,48 @@ down() {
     stop_pid "$dir/run/munged.pid"
 }
 
+# The login node of `trapo launch --ssh root@127.0.0.1:PORT --ssh-identity DIR/login/id_ed25519`: an sshd of
+# its own (key login only, as root) whose sessions get SLURM_CONF and the NAME=VALUE pairs given (sshd_config
+# SetEnv), as a login node's shell profile would give them. NeMo-Run copies the experiment over with rsync,
+# whose ssh checks host keys strictly (nemo_run/core/tunnel/rsync.py): the host key goes into the system's
+# known hosts, marked with DIR, and login-down takes exactly that line out again.
+login_up() {
+    local dir=${1:?usage: cluster.sh login-up DIR [NAME=VALUE ...]}; shift
+    dir=$(cd "$dir" && pwd)
+    local login=$dir/login port
+    [ ! -e "$login/sshd.pid" ] || die "$login already has a running sshd (run: cluster.sh login-down $dir)"
+    mkdir -p "$login" /run/sshd
+    chmod 700 "$login"
+    port=$(free_port)
+    ssh-keygen -q -t ed25519 -N "" -f "$login/host_key" <<<y >/dev/null
+    ssh-keygen -q -t ed25519 -N "" -f "$login/id_ed25519" <<<y >/dev/null
+    cp "$login/id_ed25519.pub" "$login/authorized_keys"
+    printf '%s\n' "Port $port" "ListenAddress 127.0.0.1" "HostKey $login/host_key" "PidFile $login/sshd.pid" \
+        "AuthorizedKeysFile $login/authorized_keys" "StrictModes no" "PermitRootLogin prohibit-password" \
+        "PasswordAuthentication no" "KbdInteractiveAuthentication no" "UsePAM no" \
+        "SetEnv SLURM_CONF=$dir/slurm.conf $*" > "$login/sshd_config"
+    /usr/sbin/sshd -f "$login/sshd_config" -E "$login/sshd.log"
+    wait_for 10 sshd test -s "$login/sshd.pid" || { tail "$login/sshd.log" >&2; die "sshd did not start"; }
+    echo "[127.0.0.1]:$port $(cut -d' ' -f1,2 "$login/host_key.pub") trapo-login:$dir" >> /etc/ssh/ssh_known_hosts
+    echo "$port" > "$login/port"
+    echo "cluster.sh: login node root@127.0.0.1:$port (key $login/id_ed25519)"
+}
+
+login_down() {
+    local dir=${1:?usage: cluster.sh login-down DIR}
+    dir=$(cd "$dir" && pwd)
+    stop_pid "$dir/login/sshd.pid"
+    if [ -f /etc/ssh/ssh_known_hosts ]; then
+        grep -vF " trapo-login:$dir" /etc/ssh/ssh_known_hosts > "$dir/login/known_hosts.rest" || true
+        cat "$dir/login/known_hosts.rest" > /etc/ssh/ssh_known_hosts
+    fi
+}
+
 case "${1:-}" in
     install) install ;;
     up) up "${2:-}" ;;
     down) down "${2:-}" ;;
-    *) die "usage: cluster.sh install | up DIR | down DIR" ;;
+    login-up) shift; login_up "$@" ;;
+    login-down) login_down "${2:-}" ;;
+    *) die "usage: cluster.sh install | up DIR | down DIR | login-up DIR [NAME=VALUE ...] | login-down DIR" ;;
 esac

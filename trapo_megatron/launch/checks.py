@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -79,8 +80,9 @@ SECRET_NAME = re.compile(r"(^|_)(KEY|TOKEN|SECRET|PASSWORD|PASSWD)$")
 """Environment names whose values are credentials: never written into an sbatch script."""
 
 
-def check_env(env: dict[str, str], from_host: list[str], host_env: dict[str, str]) -> None:
-    """``--env`` carries no secret in clear; every ``--env-from-host`` name is set where we submit."""
+def check_env(env: dict[str, str], from_host: list[str], host_env: dict[str, str] | None) -> None:
+    """``--env`` carries no secret in clear; every ``--env-from-host`` name is set where we submit
+    (``host_env`` None: over ssh, where :func:`missing_on_login_node` checks it instead)."""
     for key in env:
         if SECRET_NAME.search(key.upper()):
             raise LaunchError(f"--env {key}=... would write a secret into the sbatch script in clear; "
@@ -88,8 +90,15 @@ def check_env(env: dict[str, str], from_host: list[str], host_env: dict[str, str
     for name in from_host:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise LaunchError(f"--env-from-host {name!r} is not an environment variable name")
-        if name not in host_env:
+        if host_env is not None and name not in host_env:
             raise LaunchError(f"--env-from-host {name}: it is not set in this environment")
+
+
+def missing_on_login_node(run: Callable[[str], int], names: list[str]) -> list[str]:
+    """The ``--env-from-host`` names a login node's ssh session does not set. ``run(command)`` -> exit status
+    there. Over ``--ssh`` sbatch runs in that session and the job inherits ITS environment (``--export=ALL``),
+    not the one of the machine ``trapo launch`` runs on."""
+    return [name for name in names if run(f"printenv {name} >/dev/null") != 0]
 
 
 def check_layout(nodes: int, ranks_per_node: int, tp: int, pp: int, prompts_per_step: int) -> int:

@@ -109,7 +109,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                        help="start after this job ends (afterany), e.g. to resume a run whose job is running")
     slurm.add_argument("--job-dir", default="",
                        help="NeMo-Run's directory for the job's files (with --ssh: on the cluster)")
-    slurm.add_argument("--ssh", default=None, metavar="USER@HOST", help="submit through this login node")
+    slurm.add_argument("--ssh", default=None, metavar="USER@HOST[:PORT]", help="submit through this login node")
+    slurm.add_argument("--ssh-identity", default="", metavar="KEY", help="private key for --ssh (default: the ssh "
+                       "agent and ~/.ssh keys); --env-from-host names must then be set in the login node's sessions")
 
 
 def _pairs(flag: str, pairs: list[str]) -> dict[str, str]:
@@ -244,7 +246,8 @@ def plan_launch(args: argparse.Namespace) -> Plan:
     task = TASKS[args.task]
     recipe = _recipe(args, task)
     env = _pairs("--env", args.env)
-    checks.check_env(env, args.env_from_host, dict(os.environ))
+    over_ssh = args.executor == "slurm" and bool(args.ssh)
+    checks.check_env(env, args.env_from_host, None if over_ssh else dict(os.environ))
     local = args.executor == "local"
     shipped = args.package_code and not local
     cluster = None
@@ -254,6 +257,7 @@ def plan_launch(args: argparse.Namespace) -> Plan:
                 account=args.account or "", partition=args.partition, time=args.time, nodes=args.nodes,
                 gpus_per_node=args.gpus_per_node, container_image=args.container_image, mounts=args.mount,
                 env=env, env_from_host=args.env_from_host, job_dir=args.job_dir, ssh=args.ssh,
+                ssh_identity=args.ssh_identity,
                 package_code=shipped, python=args.python, qos=args.qos, gres=args.gres, mem=args.mem,
                 constraint=args.constraint, exclude=args.exclude, srun_args=args.srun_args,
                 container_env=args.container_env, retries=args.retries, signal=args.signal, chain=args.chain,
@@ -312,6 +316,13 @@ def run_launch(args: argparse.Namespace) -> int:
             return 0
         if plan.cluster is None:
             return executors.run_experiment(script, executor, plan.name)
+        if plan.cluster.ssh and plan.cluster.env_from_host:
+            missing = checks.missing_on_login_node(executors.exit_status(executor.tunnel), plan.cluster.env_from_host)
+            if missing:
+                print(f"trapo launch: --env-from-host {missing[0]}: not set in the sessions of the login node "
+                      f"{plan.cluster.ssh} (sbatch runs there and the job inherits that environment); set it there, "
+                      "e.g. in the shell's startup file", file=sys.stderr)
+                return 2
         return executors.run_slurm(script, executor, plan.name, chain=plan.cluster.chain, detach=args.detach)
     except Exception as e:  # noqa: BLE001 - NeMo-Run's own errors (no sbatch, ssh, torchrun) end the launch
         print(f"trapo launch: NeMo-Run failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,9 @@ def tunnel(cluster: ClusterSettings) -> Any:
     (run/torchx_backend/schedulers/slurm.py, schedule; NVIDIA-NeMo/Run#299). An SSHTunnel rsyncs the
     experiment into its job_dir first."""
     if cluster.ssh:
-        user, _, host = cluster.ssh.rpartition("@")
-        return run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=cluster.job_dir)
+        user, host, port = cluster.ssh_target
+        return run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), port=port,
+                             identity=cluster.ssh_identity or None, job_dir=cluster.job_dir)
     if cluster.job_dir:
         run.config.set_nemorun_home(cluster.job_dir)
     return run.LocalTunnel(job_dir=os.path.join(os.path.abspath(run.config.get_nemorun_home()), "experiments"))
@@ -105,9 +107,10 @@ def slurm_executor(task: Task, recipe: Recipe, cluster: ClusterSettings,
     env = {**DEFAULT_ENV, **({} if gpus else {"OMP_NUM_THREADS": "1"}), **cluster.env}
     extra = dict(cluster.additional_parameters)
     # names only: the job inherits the values from sbatch's environment (--export=ALL), and stops at once
-    # when one is missing instead of hours later
-    setup = [f': "${{{name}:?not set where trapo launch ran (--env-from-host {name})}}"'
-             for name in cluster.env_from_host]
+    # when one is missing instead of hours later. The check never expands a value: NeMo-Run's sbatch template
+    # runs under `set -x`, which would print it into the job's log (seen with `: "${NAME:?...}"`).
+    setup = [f'[ -n "${{{name}+set}}" ] || {{ echo "{name} is not set where sbatch ran '
+             f'(--env-from-host {name})" >&2; exit 1; }}' for name in cluster.env_from_host]
     if cluster.env_from_host:
         extra.setdefault("export", "ALL")
     if cluster.after:
@@ -154,6 +157,11 @@ def recipe_executor(recipe: str, task: str = "train", cluster: ClusterSettings |
     if cluster is None:
         return local_executor(t, r, nproc_per_node)
     return slurm_executor(t, r, cluster, default_signal(cluster, r))
+
+
+def exit_status(via: Any) -> Callable[[str], int]:
+    """``command`` -> its exit status where the tunnel runs commands (the login node over ssh)."""
+    return lambda command: via.run(command, hide=True, warn=True).return_code
 
 
 def _chained(exp: run.Experiment, task: run.Script, executor: run.Executor, name: str, chain: int) -> None:

@@ -157,6 +157,8 @@ class ClusterSettings:
     """Where NeMo-Run keeps the job's scripts and logs on the cluster; "": NEMORUN_HOME/experiments here
     (required with ``ssh``: an absolute path on the cluster)."""
     ssh: str | None = None
+    ssh_identity: str = ""
+    """Private key for ``ssh``; "": the ssh agent and the default keys."""
     """user@host of the login node when launching from elsewhere; None: sbatch runs here."""
     package_code: bool = False
     """Ship the checkout (git archive of HEAD) with the job instead of using the image's copy."""
@@ -213,8 +215,19 @@ class ClusterSettings:
         if self.after and "dependency" in self.additional_parameters:
             raise ValueError("--after and --additional-parameter dependency=... both set the job's dependency; "
                              "give one")
+        if self.ssh and not re.fullmatch(r"([^@:\s]+@)?[^@:\s]+(:\d+)?", self.ssh):
+            raise ValueError(f"--ssh {self.ssh!r} must look like USER@HOST or USER@HOST:PORT")
+        if self.ssh_identity and not self.ssh:
+            raise ValueError("--ssh-identity needs --ssh")
         if self.ssh and not self.job_dir:
             raise ValueError("--ssh needs --job-dir: an absolute directory on the cluster for the job's files")
+
+    @property
+    def ssh_target(self) -> tuple[str, str, int | None]:
+        """(user, host, port) of ``ssh``; user "" when not given, port None for ssh's default."""
+        user, _, rest = (self.ssh or "").rpartition("@")
+        host, _, port = rest.partition(":")
+        return user, host, int(port) if port else None
 
     @property
     def mount_targets(self) -> list[str]:
