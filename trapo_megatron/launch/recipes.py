@@ -157,9 +157,9 @@ class ClusterSettings:
     """Where NeMo-Run keeps the job's scripts and logs on the cluster; "": NEMORUN_HOME/experiments here
     (required with ``ssh``: an absolute path on the cluster)."""
     ssh: str | None = None
+    """user@host[:port] of the login node when launching from elsewhere; None: sbatch runs here."""
     ssh_identity: str = ""
     """Private key for ``ssh``; "": the ssh agent and the default keys."""
-    """user@host of the login node when launching from elsewhere; None: sbatch runs here."""
     package_code: bool = False
     """Ship the checkout (git archive of HEAD) with the job instead of using the image's copy."""
     python: str = ""
