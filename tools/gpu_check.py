@@ -128,7 +128,7 @@ def _row(ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
     mb = pack_row([ids])
     mb["mask"] = block_causal_mask(mb["cu_seqlens"], _dev())
-    return {k: v.to(_dev()) for k, v in mb.items()}
+    return {k: v.to(_dev()) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
 
 
 def check_logits(hf_dir: Path, dtype: torch.dtype, num_tokens: int) -> dict[str, Any]:
@@ -155,7 +155,7 @@ def check_train_step(hf_dir: Path, num_tokens: int, device: str) -> dict[str, An
     from trapo_megatron.plan.memory import Layout, PlanConfig, stage_memory
     from trapo_megatron.plan.model import spec_from_hf_config
 
-    dtype = "bfloat16" if device == "cuda" else "float32"  # megatron's bf16 modules need CUDA
+    dtype = "bfloat16"  # on the CPU too: the smoke run meets the bf16 rounding a GPU run meets
     cfg, chunks = _megatron(hf_dir, dtype)
     ddp = step.wrap_ddp(chunks, use_distributed_optimizer=True)
     optimizer, scheduler = step.build_optimizer(ddp, step.OptimizerConfig(lr=1e-3), total_steps=1)
@@ -179,7 +179,7 @@ def check_train_step(hf_dir: Path, num_tokens: int, device: str) -> dict[str, An
     applied, grad_norm, _ = step.optimizer_step(optimizer, scheduler, loss_finite=math.isfinite(loss))
     moved = sum(not torch.equal(before[n], p.detach().float()) for n, p in ddp[0].module.named_parameters())
     masters_moved = sum(not torch.equal(a, m.detach()) for a, m in zip(masters_before, masters, strict=True))
-    plan = PlanConfig(num_gpus=1, gpus_per_node=1, precision="bf16" if device == "cuda" else "fp32",
+    plan = PlanConfig(num_gpus=1, gpus_per_node=1, precision="bf16",
                       seq_length=num_tokens, colocate_vllm=False, transformer_impl="local")
     planned = stage_memory(spec_from_hf_config(cfg.to_dict()), plan, Layout(tp=1, pp=1, dp=1), 0).train(False)
     peak = _peak_mb()

@@ -19,10 +19,12 @@ import torch
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
-    """``torch.nn.RMSNorm`` with megatron's norm-builder signature ``(config=, hidden_size=, eps=)``."""
+    """``torch.nn.RMSNorm`` with megatron's norm-builder signature ``(config=, hidden_size=, eps=)``, its weight
+    in ``config.params_dtype`` as Transformer Engine's norms have it (megatron's WrappedTorchNorm left it fp32
+    in a bf16 model: our models are not wrapped in megatron's Float16Module)."""
 
     def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
