@@ -14,9 +14,9 @@ every rank, about 1.7 GB per rank per step at 32B (512 prompts x 8 samples, 8k t
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import torch
@@ -32,7 +32,8 @@ _COLUMNS = ("prompt_lens", "prefix_lens", "continuation_lens", "num_logprobs", "
 
 
 def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``cat([arange(s, s + n) for s, n in zip(starts, lengths)])`` without a Python loop."""
+    """``cat([arange(s, s + n) for s, n in zip(starts, lengths)])`` without a Python loop (sample indices of
+    groups)."""
     total = int(lengths.sum())
     if total == 0:
         return torch.zeros(0, dtype=torch.long)
@@ -42,6 +43,21 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(x, 0) - x
+
+
+def _segments(flat: torch.Tensor, lengths: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """The segments ``samples`` of ``flat`` (cut back to back by ``lengths``), concatenated in that order."""
+    starts, sizes = _exclusive_cumsum(lengths)[samples].tolist(), lengths[samples].tolist()
+    return torch.cat([flat[a:a + n] for a, n in zip(starts, sizes, strict=True)]) if sizes else flat[:0]
+
+
+def _flat(lists: Iterable[list], typecode: str, dtype: torch.dtype) -> torch.Tensor:
+    """Python lists of numbers back to back as one tensor, through a C array (~3x faster than one big list;
+    floats round to float32 as ``torch.tensor`` rounds them)."""
+    buf = array.array(typecode)
+    for values in lists:
+        buf.extend(values)
+    return torch.frombuffer(buf, dtype=dtype).clone() if len(buf) else torch.zeros(0, dtype=dtype)
 
 
 @dataclass
@@ -97,9 +113,8 @@ class Samples:
             num_logprobs=column((len(r.continuation_logprobs) for r in flat), torch.long),
             sft_on_prefix=column((r.sft_on_prefix for r in flat), torch.bool),
             rewards=column((r.reward for r in flat), torch.float32),
-            tokens=column(chain.from_iterable(chain(r.prompt_ids, r.prefix_ids, r.continuation_ids) for r in flat),
-                          torch.int32),
-            logprobs=column(chain.from_iterable(r.continuation_logprobs for r in flat), torch.float32),
+            tokens=_flat((x for r in flat for x in (r.prompt_ids, r.prefix_ids, r.continuation_ids)), "i", torch.int32),
+            logprobs=_flat((r.continuation_logprobs for r in flat), "f", torch.float32),
         )
 
     @property
@@ -125,12 +140,11 @@ class Samples:
         """The groups at indices ``groups`` (any order, e.g. a sort by position)."""
         sizes = self.group_sizes[groups]
         samples = _ranges(_exclusive_cumsum(self.group_sizes)[groups], sizes)
-        lengths, num_lp = self.lengths[samples], self.num_logprobs[samples]
         return Samples(
             positions=self.positions[groups], group_sizes=sizes,
             **{k: getattr(self, k)[samples] for k in (*_COLUMNS, "rewards")},
-            tokens=self.tokens[_ranges(_exclusive_cumsum(self.lengths)[samples], lengths)],
-            logprobs=self.logprobs[_ranges(_exclusive_cumsum(self.num_logprobs)[samples], num_lp)],
+            tokens=_segments(self.tokens, self.lengths, samples),
+            logprobs=_segments(self.logprobs, self.num_logprobs, samples),
         )
 
     @classmethod
