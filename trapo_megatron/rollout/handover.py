@@ -7,9 +7,10 @@ then the payload; nothing when the intersection is empty), and every rank puts i
 position order. What the step needs as a whole (the aggregation counts, the sums behind the metrics, the wave
 counts) is one SUM all-reduce of the leaders' per-replica sums; the slowest replica's seconds one MAX.
 
-So what a rank receives, allocates and unpickles grows with its share, not with the world: gathering every
-replica's rollouts as Python objects to every rank (what this replaced) moved and built the whole step on
-every rank, about 1.7 GB per rank per step at 32B (512 prompts x 8 samples, 8k tokens, 32 ranks).
+So what a rank receives and allocates grows with its share, not with the world: gathering every replica's
+rollouts as Python objects to every rank (what this replaced) moved, unpickled and built the whole step on
+every rank, about 1.7 GB per rank per step at 32B (512 prompts x 8 samples, 8k tokens, 32 ranks). A leader
+sends each share once per rank that trains it (the TP x PP ranks of a data-parallel rank).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def _segments(flat: torch.Tensor, lengths: torch.Tensor, samples: torch.Tensor) 
 
 
 def _flat(lists: Iterable[list], typecode: str, dtype: torch.dtype) -> torch.Tensor:
-    """Python lists of numbers back to back as one tensor, through a C array (~3x faster than one big list;
-    floats round to float32 as ``torch.tensor`` rounds them)."""
+    """Python lists of numbers back to back as one tensor, through a C array ("i": 32-bit int, "f": float32;
+    ~3x faster than one big list; floats round to float32 as ``torch.tensor`` rounds them)."""
     buf = array.array(typecode)
     for values in lists:
         buf.extend(values)
