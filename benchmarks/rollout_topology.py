@@ -42,7 +42,7 @@ def rollout_worker(rank: int, world: int, engine_tp: int, num_prompts: int, repe
     own_weights = dict(inner.model.state_dict()) if inner is not None else {}
     scorer = ReplicaScorer(MathRewardPool(cfg.reward) if layout.is_leader else None, layout, group)
     service = RolloutService(engine, scorer, layout, dist.group.WORLD, tokenizer=tokenizer, rollout=cfg.rollout,
-                             schedule=cfg.micro_groups)
+                             schedule=cfg.micro_groups, dp_rank=rank, dp_size=world)
     batch = examples[:num_prompts]
     service.roll_out(batch, step=1)  # warm-up: reward pool start, first forward
     best = float("inf")

@@ -32,6 +32,7 @@ def offload_worker(rank: int, world: int, model_dir: str) -> dict:
     from trapo_megatron.megatron.offload import TrainingStateOffload, grad_buffers, optimizer_tensors
     from trapo_megatron.megatron.policy import MegatronPolicy
     from trapo_megatron.megatron.step import OptimizerConfig
+    from trapo_megatron.rollout.handover import Samples, batch_counts
     from trapo_megatron.rollout.waves import Rollout
     from trapo_megatron.train import batch as batching
 
@@ -41,8 +42,8 @@ def offload_worker(rank: int, world: int, model_dir: str) -> dict:
     rollouts = [Rollout(example_index=0, sample_index=i, micro_group=0, guided=False, ratio=0.0,
                         prompt_ids=[3, 4 + rank, 5], prefix_ids=[], continuation_ids=[6 + i, 7, 8],
                         continuation_logprobs=[-1.0, -1.0, -1.0], reward=float(i % 2)) for i in range(4)]
-    seqs = [batching.to_sequence(r, a) for r, a in zip(rollouts, batching.advantages_of([rollouts], LossConfig()))]
-    batching.weigh(seqs, LossConfig(), 8)
+    samples = Samples.from_rollouts([rollouts], [0])
+    seqs = batching.sequences(samples, LossConfig(), 8, batch_counts(samples))
     policy.train_step(batching.micro_batches(seqs, 64), LossConfig())  # Adam state exists, grads are non-zero
     before = _state(policy)
     offload = TrainingStateOffload("grads+optimizer", policy.chunks, policy.optimizer)

@@ -141,6 +141,51 @@ def test_pp2_tied_logits_and_stream(tmp_path):
         assert out["ckpt_vs_direct"] == []
 
 
+def _tp2pp2_worker(rank, world_size, cfg, hf_dir, mcore_dir, ids, ref_logits, ref_state):
+    from megatron.core import parallel_state as ps
+
+    from trapo_megatron.convert import mapping
+    from trapo_megatron.convert.model_io import load_hf_into_model
+    from trapo_megatron.convert.stream import bytes_per_rank
+    from trapo_megatron.megatron import model_builder, platform
+
+    par = platform.ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    platform.initialize(par)
+    model = model_builder.build_model(cfg, par)
+    load_hf_into_model(model, hf_dir, tp_group=ps.get_tensor_model_parallel_group())
+    received = {"across_stages": 0, "within_stage": 0}
+    broadcast, gather = dist.broadcast, dist.all_gather_into_tensor
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+
+    def counting_broadcast(tensor, *args, group_src=None, **kwargs):
+        received["across_stages"] += tensor.numel() * tensor.element_size() if group_src != pp_rank else 0
+        return broadcast(tensor, *args, group_src=group_src, **kwargs)
+
+    def counting_gather(out, local, *args, **kwargs):
+        received["within_stage"] += (out.numel() - local.numel()) * out.element_size()
+        return gather(out, local, *args, **kwargs)
+
+    dist.broadcast, dist.all_gather_into_tensor = counting_broadcast, counting_gather
+    try:
+        stream = _stream_mismatches(model, cfg, ref_state, bucket_bytes=30_000)
+    finally:
+        dist.broadcast, dist.all_gather_into_tensor = broadcast, gather
+    itemsize = next(model[0].parameters()).element_size()
+    expected = bytes_per_rank(mapping.ModelDims.from_hf_config(vars(cfg)), 2, 2, pp_rank, itemsize)
+    platform.destroy()
+    return {"stream": stream, "received": received, "expected": expected}
+
+
+def test_tp2_pp2_stream_moves_tp_shards_across_stages(tmp_path):
+    """World 4: the stream is exact, and each rank receives what bytes_per_rank counts: another stage's TP
+    shards across stages (half of what broadcasting full tensors moved), every shard of its TP peers within."""
+    _, head, tail = _prepare(tmp_path, "qwen2", tied=False)
+    for out in run_distributed(_tp2pp2_worker, 4, *head, *tail, timeout=300):
+        assert out["stream"][0] == [] and out["stream"][1] > 2, out["stream"]
+        assert out["received"] == out["expected"]
+        assert out["received"]["across_stages"] > 0
+
+
 def test_buckets_respect_the_budget_and_stage_boundaries():
     from trapo_megatron.convert import mapping
     from trapo_megatron.convert.stream import _buckets, _Group

@@ -20,7 +20,7 @@ from typing import Any
 
 from trapo_megatron.config import to_dict
 from trapo_megatron.plot import plot_run
-from trapo_megatron.rollout.waves import Rollout
+from trapo_megatron.rollout.service import StepRollouts
 from trapo_megatron.train import batch as batching
 from trapo_megatron.train import faults
 from trapo_megatron.train.accounting import RewardCounters
@@ -82,14 +82,14 @@ class Trainer:
             with self.timed("restore"):
                 run.offload.restore()
             with self.timed("train"):
-                sums = self.double_update(rollouts.groups)
+                sums = self.double_update(rollouts)
             self.guard.update(step, bool(sums["update_skipped"]), run.policy.nonfinite)
             # no periodic save inside a run of skipped steps: `latest` stays at the last applied update
             saving = self.ckpt.due(step, cfg.checkpoint.save_every, cfg.run.max_steps) and not self.guard.num_consecutive
             if saving:
                 self.ckpt.save(step)  # before the offload: the optimizer state is saved from the device
             self.sync_weights()
-            metrics = step_metrics(rollouts.groups, rollouts.stats, sums, sum(self.times.values()))
+            metrics = step_metrics(rollouts.totals, rollouts.stats, sums, sum(self.times.values()))
             metrics.update(self.reward_counters.finish(), num_generated=rollouts.stats.num_generated,
                            num_skipped_total=self.guard.num_skipped_total)
             if self.eval_due(step):
@@ -136,17 +136,13 @@ class Trainer:
         with self.timed("sync"):
             self.run.weights.sync()
 
-    def double_update(self, groups: list[list[Rollout]]) -> dict[str, float]:
+    def double_update(self, rollouts: StepRollouts) -> dict[str, float]:
         """Advantages over each prompt's group, then one optimizer step on TrSFT (prefix) + Dr.GRPO
         (continuation) tokens of this DP rank's share, every token weighted by the whole step's denominator."""
         cfg, policy = self.cfg, self.run.policy
-        advantages = iter(batching.advantages_of(groups, cfg.loss).tolist())
-        seq_groups = [[batching.to_sequence(r, next(advantages)) for r in g] for g in groups]
-        seqs = [s for g in seq_groups for s in g]
-        batching.weigh(seqs, cfg.loss, cfg.rollout.max_response_tokens)  # counts of the whole step
-        mine = [s for g in batching.data_parallel_share(seq_groups, policy.dp_rank, policy.dp_size) for s in g]
-        sums = policy.train_step(batching.micro_batches(mine, cfg.run.max_tokens_per_micro_batch), cfg.loss)
-        sums["num_tokens"] = float(sum(len(s.tokens) for s in seqs))  # over the global batch
+        seqs = batching.sequences(rollouts.share, cfg.loss, cfg.rollout.max_response_tokens, rollouts.totals.counts)
+        sums = policy.train_step(batching.micro_batches(seqs, cfg.run.max_tokens_per_micro_batch), cfg.loss)
+        sums["num_tokens"] = rollouts.totals.num_tokens  # over the global batch
         return sums
 
     def eval_due(self, step: int) -> bool:

@@ -4,11 +4,14 @@ ONE generator serves Hugging Face export, the CPU twin engine and vLLM (``model.
 these (name, tensor) pairs). Every rank of the model runs it and every rank receives every tensor, so a
 colocated engine on any rank can load them.
 
-How bytes move (each once): the pipeline stage that owns a parameter all-gathers its TP shards
-(``all_gather_into_tensor`` on ``tp_group``, one async op per parameter, waited per bucket), merges them
-into the TP=1 Megatron layout, then broadcasts that tensor over ``pp_group`` to the other stages; every rank
-then splits it into HF tensors (``formats``). At TP=1 and PP=1 nothing moves and most yielded tensors are
-views of the parameters (QKV split is the only copy).
+How bytes move: each TP rank of the pipeline stage that owns a parameter broadcasts its own TP shard over
+``pp_group`` (the ranks of one TP rank across stages: between nodes when stages are), then every stage
+all-gathers the shards (``all_gather_into_tensor`` on ``tp_group``, within a node; one async op per
+parameter, waited per bucket) and merges them into the TP=1 Megatron layout; every rank then splits it into
+HF tensors (``formats``). So a rank receives 1/TP of each other stage's bytes across stages (gathering first
+and broadcasting full tensors moved TP times that across, the slow fabric) and (TP-1)/TP of the whole model
+within its stage (:func:`bytes_per_rank`). At TP=1 and PP=1 nothing moves and most yielded tensors are views
+of the parameters (QKV split is the only copy).
 
 Memory: ``bucket_bytes`` bounds what the stream itself allocates at once (gather / receive buffers, gloo's
 own flat temporary for an all-gather, the TP-interleave copy and the QKV split copy); a single tensor group
@@ -45,14 +48,15 @@ class _Group:
 
     def cost(self, entry: mapping.Entry, tp_size: int, pp_size: int, gather_temp: bool) -> int:
         """Bytes the stream allocates at once for this group (see module docstring)."""
-        full = torch.Size(self.local_shape).numel() * self.dtype.itemsize
+        local = torch.Size(self.local_shape).numel() * self.dtype.itemsize
         gathers = tp_size > 1 and entry.shard is not Shard.REPLICATED
-        full *= tp_size if gathers else 1
-        buffers = full if gathers or pp_size > 1 else 0
+        full = local * tp_size if gathers else local
+        received = local if pp_size > 1 else 0  # a stage that does not own it receives the TP shard
+        gather = full if gathers else 0
         temp = full if gathers and gather_temp else 0  # gloo gathers into its own flat temporary first
         interleave = full if gathers and entry.shard in (Shard.ROW, Shard.GATED_COLUMN) else 0
         split = full if entry.fmt is formats.Format.QKV else 0
-        return buffers + temp + interleave + split
+        return received + gather + temp + interleave + split
 
 
 def _rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -120,16 +124,16 @@ def iter_hf_buckets(
     device = params[0].param.device if params else torch.device("cpu")
     gather_temp = tp_size > 1 and dist.get_backend(tp_group) == "gloo"
     for bucket in _buckets(groups, walk, tp_size, pp_size, bucket_bytes, gather_temp):
-        fulls: list[torch.Tensor] = []
         if bucket[0].owner == pp_rank:
-            fulls = _tp_full([by_order[g.order] for g in bucket], tp_group, tp_size)
+            shards = [by_order[g.order].param.detach() for g in bucket]
+        else:
+            shards = [torch.empty(g.local_shape, dtype=g.dtype, device=device) for g in bucket]
         if pp_size > 1:
-            if bucket[0].owner != pp_rank:
-                fulls = [torch.empty(_full_shape(g, walk[g.order][0], tp_size), dtype=g.dtype, device=device)
-                         for g in bucket]
-            works = [dist.broadcast(f, group=pp_group, group_src=bucket[0].owner, async_op=True) for f in fulls]
+            works = [dist.broadcast(t, group=pp_group, group_src=bucket[0].owner, async_op=True) for t in shards]
             for work in works:
                 work.wait()
+        fulls = _tp_full(shards, [walk[g.order][0].shard for g in bucket], tp_group, tp_size)
+        del shards
         out = []
         for g, full in zip(bucket, fulls):
             entry, layer = walk[g.order]
@@ -142,14 +146,14 @@ def iter_hf_buckets(
         yield out
 
 
-def _tp_full(params: list[LocalParam], tp_group: dist.ProcessGroup | None, tp_size: int) -> list[torch.Tensor]:
-    """The TP=1 layout of each parameter: itself when not split, else an all-gather (async, one per
-    parameter, all in flight together) merged as ``distribution`` says."""
+def _tp_full(shards: list[torch.Tensor], kinds: list[Shard], tp_group: dist.ProcessGroup | None,
+             tp_size: int) -> list[torch.Tensor]:
+    """The TP=1 layout of each TP shard (of kind ``kinds[i]``): itself when not split, else an all-gather
+    (async, one per tensor, all in flight together) merged as ``distribution`` says."""
     gathered: list[torch.Tensor | None] = []
     works = []
-    for p in params:
-        local = p.param.detach()
-        if tp_size == 1 or p.entry.shard is Shard.REPLICATED:
+    for local, kind in zip(shards, kinds, strict=True):
+        if tp_size == 1 or kind is Shard.REPLICATED:
             gathered.append(None)
             continue
         buf = torch.empty((tp_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
@@ -157,16 +161,24 @@ def _tp_full(params: list[LocalParam], tp_group: dist.ProcessGroup | None, tp_si
         gathered.append(buf.view(tp_size, *local.shape))
     for work in works:
         work.wait()
-    return [p.param.detach() if buf is None else merge_gathered(buf, p.entry.shard) for p, buf in zip(params, gathered)]
+    return [local if buf is None else merge_gathered(buf, kind) for local, kind, buf in zip(shards, kinds, gathered)]
 
 
-def _full_shape(g: _Group, entry: mapping.Entry, tp_size: int) -> tuple[int, ...]:
-    shape = list(g.local_shape)
-    if entry.shard is Shard.ROW:
-        shape[1] *= tp_size
-    elif entry.shard is not Shard.REPLICATED:
-        shape[0] *= tp_size
-    return tuple(shape)
+def bytes_per_rank(dims: mapping.ModelDims, tp_size: int, pp_size: int, pp_rank: int, itemsize: int) -> dict[str, int]:
+    """Bytes one rank of stage ``pp_rank`` receives in one pass of the stream, layers split evenly over the
+    stages (the embedding on the first, final norm and output on the last; vocab unpadded): ``across_stages``
+    over ``pp_group`` (another stage's TP shard of each tensor), ``within_stage`` over ``tp_group`` (the
+    other TP ranks' shards of every tensor)."""
+    per_stage = dims.num_layers // pp_size
+    across = within = 0
+    for entry, layer in mapping.walk(dims):
+        owner = (layer // per_stage if layer is not None
+                 else pp_size - 1 if entry.mcore.startswith(("decoder.final", "output")) else 0)
+        full = torch.Size(mapping.mcore_shape(entry, dims)).numel() * itemsize
+        shard = full if entry.shard is Shard.REPLICATED else full // tp_size
+        across += shard if owner != pp_rank else 0
+        within += full - shard
+    return {"across_stages": across, "within_stage": within}
 
 
 def iter_hf_weights(model_chunks: list[Any], hf_config: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:

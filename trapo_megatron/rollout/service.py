@@ -6,9 +6,10 @@ every engine.
                   batch (R replicas), so the step has R distinct rollout streams;
     grading       once per replica, on its leader, broadcast to the replica's ranks before the next wave is
                   decided: a reward-pool timeout (wall clock) can never make two ranks of a replica diverge;
-    hand-over     the leaders' results are gathered over the host group and put back in batch-position
-                  order, so every rank holds byte-identical groups ordered only by (seed, step), never by
-                  which replica finished first. Each data-parallel rank trains on its own share of them.
+    hand-over     each rank receives from the leaders only its data-parallel share, as flat tensors in
+                  batch-position order (handover.py), so the ranks of a data-parallel rank hold byte-identical
+                  groups ordered only by (seed, step), never by which replica finished first; the step's
+                  totals (aggregation counts, metric sums) come from one all-reduce.
 
 vLLM (SPMD: every rank of a replica runs the engine) and the CPU twin (ReplicaCpuEngine: the leader runs the
 model) take the same path through this module.
@@ -20,13 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from trapo_megatron.algo.micro_groups import MicroGroupConfig
 from trapo_megatron.data.dataset import Example
 from trapo_megatron.rollout.engine import RolloutEngine, SamplingParams
+from trapo_megatron.rollout.handover import Samples, StepTotals, exchange, reduce_step
 from trapo_megatron.rollout.replicas import ReplicaLayout, broadcast_from_leader
-from trapo_megatron.rollout.waves import Rollout, RolloutConfig, Scorer, WaveStats, run_waves, stop_token_ids
+from trapo_megatron.rollout.waves import RolloutConfig, Scorer, WaveStats, run_waves, stop_token_ids
 from trapo_megatron.train import faults
 
 
@@ -52,35 +55,34 @@ class ReplicaScorer:
 
 @dataclass
 class StepRollouts:
-    """The whole step's rollouts, identical on every rank."""
+    """What one rank holds of the step's rollouts after the hand-over."""
 
-    groups: list[list[Rollout]]
-    """Per batch position, the prompt's G samples in sample order."""
+    share: Samples
+    """This data-parallel rank's groups (batch positions dp_rank, dp_rank + dp_size, ...)."""
+    totals: StepTotals
+    """Sums over the whole step."""
     stats: WaveStats
     """Counts summed over replicas (engine calls: distinct generate calls of the step); seconds: the slowest
     replica's (wall time)."""
 
 
-def merge_stats(parts: Sequence[WaveStats]) -> WaveStats:
-    """One step's WaveStats from every replica's: counts add up, seconds are the slowest replica's."""
-    guided = [sum(col) for col in zip(*(p.guided_prompts for p in parts), strict=True)]
-    return WaveStats(
-        num_engine_calls=sum(p.num_engine_calls for p in parts), num_generated=sum(p.num_generated for p in parts),
-        num_expert_only=sum(p.num_expert_only for p in parts), guided_prompts=guided,
-        generate_seconds=max(p.generate_seconds for p in parts), score_seconds=max(p.score_seconds for p in parts),
-    )
-
-
 class RolloutService:
     """Rolls out a step's batch (and the held-out set) over every engine replica; see the module docstring.
 
-    ``host_group``: a gloo group over the whole world (platform.host_group()) for the hand-over.
+    ``host_group``: a gloo group over the whole world (platform.host_group()) for the hand-over;
+    ``dp_rank`` / ``dp_size``: this rank's place in the trainer's data parallelism. Collective (every rank
+    learns every rank's data-parallel rank).
     """
 
     def __init__(self, engine: RolloutEngine, scorer: ReplicaScorer, layout: ReplicaLayout, host_group: Any, *,
-                 tokenizer: Any, rollout: RolloutConfig, schedule: MicroGroupConfig) -> None:
+                 tokenizer: Any, rollout: RolloutConfig, schedule: MicroGroupConfig, dp_rank: int,
+                 dp_size: int) -> None:
         self.engine, self.scorer, self.layout, self.host_group = engine, scorer, layout, host_group
         self.tokenizer, self.rollout, self.schedule = tokenizer, rollout, schedule
+        self.dp_size = dp_size
+        every = [torch.zeros(1, dtype=torch.long) for _ in range(layout.world_size)]
+        dist.all_gather(every, torch.tensor([dp_rank]), group=host_group)
+        self.dp_ranks = [int(t) for t in every]
 
     def load_weights(self, stream: Any) -> None:
         """Refit the engine (every rank: the stream is collective); it is awake afterwards (the only way back
@@ -96,10 +98,12 @@ class RolloutService:
                                   scorer=self.scorer, tokenizer=self.tokenizer, cfg=self.rollout, step=step,
                                   positions=positions)
         self.engine.sleep()
-        parts = self._from_leaders((list(positions), groups, stats))
-        by_position = {p: g for pos, gs, _ in parts for p, g in zip(pos, gs, strict=True)}
-        return StepRollouts(groups=[by_position[p] for p in range(len(batch))],
-                            stats=merge_stats([s for _, _, s in parts]))
+        leader = self.layout.is_leader
+        mine = Samples.from_rollouts(groups, positions) if leader else None
+        guided = torch.tensor([r.guided for g in groups for r in g], dtype=torch.bool) if leader else None
+        totals, stats = reduce_step(mine, guided, stats, self.host_group)
+        share = exchange(mine, len(batch), self.layout, self.dp_ranks, self.dp_size, self.host_group)
+        return StepRollouts(share=share, totals=totals, stats=stats)
 
     def evaluate(self, examples: Sequence[Example], max_new_tokens: int) -> float:
         """Greedy accuracy over ``examples``, each replica answering its share (graded on its leader)."""
@@ -113,16 +117,10 @@ class RolloutService:
             outs = self.engine.generate([examples[p].prompt_ids for p in positions], params)
             texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
             correct = sum(self.scorer.score(texts, [examples[p].answer for p in positions]))
-        return sum(self._from_leaders(correct)) / len(examples)
-
-    def _from_leaders(self, obj: Any) -> list[Any]:
-        """Every replica leader's ``obj``, in replica order, on every rank (host group, picklable objects)."""
-        world = dist.get_world_size(self.host_group)
-        if world == 1:
-            return [obj]
-        every: list[Any] = [None] * world
-        dist.all_gather_object(every, obj if self.layout.is_leader else None, group=self.host_group)
-        return [every[r] for r in range(0, world, self.layout.tensor_parallel_size)]
+        total = torch.tensor([correct if self.layout.is_leader else 0.0], dtype=torch.float64)
+        if self.layout.world_size > 1:
+            dist.all_reduce(total, group=self.host_group)  # the leaders' counts
+        return total.item() / len(examples)
 
     def close(self) -> None:
         self.scorer.close()

@@ -4,8 +4,8 @@ Megatron step.
 Per sample: tokens = prompt + expert prefix + continuation; the prefix targets carry the prefix objective
 (TrSFT) iff the sample carries its shared prefix's SFT loss, the continuation targets carry the policy
 gradient; the aggregation weight of every loss token already holds the GLOBAL denominator (counts over the
-whole step's batch, which every rank holds after the rollout hand-over: no reduction needed), so
-micro-batches and data-parallel shares can be cut any way.
+whole step's batch, which the rollout hand-over's all-reduce gives every rank), so micro-batches and
+data-parallel shares can be cut any way.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from trapo_megatron.algo.aggregation import BatchCounts, token_weights
 from trapo_megatron.algo.loss import LossConfig
 from trapo_megatron.algo.masks import loss_masks, shift_labels, token_roles
 from trapo_megatron.data.packing import pack_row, plan_micro_batches
-from trapo_megatron.rollout.waves import Rollout
+from trapo_megatron.rollout.handover import Sample, Samples
 
 PER_TOKEN_KEYS = ("labels", "sft_mask", "rl_mask", "advantages", "token_weight", "rollout_logprobs")
 
@@ -37,43 +37,36 @@ class Sequence:
     token_weight: torch.Tensor | None = None
 
 
-def advantages_of(groups: list[list[Rollout]], cfg: LossConfig) -> torch.Tensor:
-    """Sequence advantages [N] over the flattened groups (a group = the G samples of one prompt)."""
-    rewards = torch.tensor([r.reward for g in groups for r in g], dtype=torch.float32)
-    group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g])
+def advantages_of(samples: Samples, cfg: LossConfig) -> torch.Tensor:
+    """Sequence advantages [N] over the groups of ``samples`` (a group = the G samples of one prompt; a group's
+    advantages depend on its own samples only, so a data-parallel share computes its own)."""
     if cfg.advantage == "grpo":
-        return ADVANTAGES["grpo"](rewards, group_ids, cfg.advantage_eps)
-    return ADVANTAGES[cfg.advantage](rewards, group_ids)
+        return ADVANTAGES["grpo"](samples.rewards, samples.group_ids, cfg.advantage_eps)
+    return ADVANTAGES[cfg.advantage](samples.rewards, samples.group_ids)
 
 
-def to_sequence(r: Rollout, advantage: float) -> Sequence:
-    tokens = torch.tensor(r.prompt_ids + r.prefix_ids + r.continuation_ids, dtype=torch.long)
+def to_sequence(s: Sample, advantage: float) -> Sequence:
+    tokens = s.tokens.long()
     length = len(tokens)
-    roles = token_roles(torch.tensor([len(r.prompt_ids)]), torch.tensor([len(r.prefix_ids)]),
-                        torch.tensor([len(r.continuation_ids)]), length)
-    sft_mask, rl_mask = (m[0] for m in loss_masks(roles, torch.tensor([r.sft_on_prefix])))
+    continuation_len = length - s.prompt_len - s.prefix_len
+    roles = token_roles(torch.tensor([s.prompt_len]), torch.tensor([s.prefix_len]), torch.tensor([continuation_len]),
+                        length)
+    sft_mask, rl_mask = (m[0] for m in loss_masks(roles, torch.tensor([s.sft_on_prefix])))
     rollout_lp = torch.zeros(length)
-    start = len(r.prompt_ids) + len(r.prefix_ids) - 1  # the position that predicts the first continuation token
-    if r.continuation_logprobs:
-        rollout_lp[start:start + len(r.continuation_logprobs)] = torch.tensor(r.continuation_logprobs)
+    start = s.prompt_len + s.prefix_len - 1  # the position that predicts the first continuation token
+    if len(s.logprobs):
+        rollout_lp[start:start + len(s.logprobs)] = s.logprobs
     return Sequence(tokens=tokens, labels=shift_labels(tokens), sft_mask=sft_mask, rl_mask=rl_mask,
                     advantages=torch.full((length,), float(advantage)), rollout_logprobs=rollout_lp)
 
 
-def weigh(seqs: list[Sequence], cfg: LossConfig, max_response_len: int) -> None:
-    """Set every sequence's token_weight from the counts over ``seqs``: pass the whole step's batch."""
-    total = torch.zeros(3)
-    for s in seqs:
-        total += BatchCounts.of((s.sft_mask | s.rl_mask).unsqueeze(0)).as_tensor()
-    counts = BatchCounts.from_tensor(total)
+def sequences(samples: Samples, cfg: LossConfig, max_response_len: int, counts: BatchCounts) -> list[Sequence]:
+    """Training sequences of ``samples``, every token weighted by the whole step's ``counts``."""
+    seqs = [to_sequence(s, a) for s, a in zip(samples, advantages_of(samples, cfg).tolist(), strict=True)]
     for s in seqs:
         s.token_weight = token_weights((s.sft_mask | s.rl_mask).unsqueeze(0), cfg.aggregation,
                                        max_response_len=max_response_len, counts=counts)[0]
-
-
-def data_parallel_share(groups: list, dp_rank: int, dp_size: int) -> list:
-    """This data-parallel rank's groups: batch positions dp_rank, dp_rank + dp_size, ..."""
-    return groups[dp_rank::dp_size]
+    return seqs
 
 
 def micro_batches(seqs: list[Sequence], max_tokens: int) -> list[dict]:

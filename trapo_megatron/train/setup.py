@@ -133,7 +133,7 @@ def build_run(cfg: TrapoConfig) -> Run:
     engine = _make_engine(cfg, layout, group)
     scorer = ReplicaScorer(MathRewardPool(cfg.reward) if layout.is_leader else None, layout, group)
     rollout = RolloutService(engine, scorer, layout, platform.host_group(), tokenizer=tokenizer, rollout=cfg.rollout,
-                             schedule=cfg.micro_groups)
+                             schedule=cfg.micro_groups, dp_rank=policy.dp_rank, dp_size=policy.dp_size)
     return Run(cfg=cfg, hf_config=hf_config, tokenizer=tokenizer, policy=policy,
                sampler=StepSampler(train, cfg.run.prompts_per_step, cfg.run.seed), rollout=rollout,
                weights=WeightSync(policy, rollout, cfg.engine.weight_bucket_mb),
