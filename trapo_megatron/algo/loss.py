@@ -53,7 +53,12 @@ class LossConfig:
     """Entropy bonus coefficient over response tokens (prefix + continuation); the official code: 0.001."""
     aggregation: AggregationMode = "drgrpo"
     """How per-token losses are summed (read by the trainer when it builds token_weight, see aggregation.py):
-    "drgrpo" 1/(max_response_len * num_seqs), "token_mean" 1/num_tokens, "seq_mean" 1/(len_i * num_seqs)."""
+    "drgrpo" 1/(max_response_len * num_seqs), "token_mean" 1/num_tokens, "seq_mean" 1/(len_i * num_seqs),
+    "fsdp_sum" 1/(max_response_len * reference_world_size) (the official actor: verl/trapo_src/
+    mix_core_alg.py:290-291, FSDP's mean over ranks)."""
+    reference_world_size: int = 8
+    """Data-parallel size of the run being reproduced, read by aggregation="fsdp_sum" and
+    entropy_mode="official" (the official script: 8 GPUs, exp_scripts/train_trapo.sh:58)."""
     advantage: Literal["drgrpo", "grpo"] = "drgrpo"
     """Advantage estimator (read by the trainer, see advantages.py): "drgrpo" r - group mean; "grpo" also
     divides by the group std."""
@@ -89,6 +94,8 @@ class LossConfig:
             raise ValueError(f"LossConfig.tis_cap must be > 0 or None, got {self.tis_cap}")
         if not (self.entropy_coef >= 0.0 and math.isfinite(self.entropy_coef)):
             raise ValueError(f"LossConfig.entropy_coef must be a finite number >= 0, got {self.entropy_coef}")
+        if self.reference_world_size < 1:
+            raise ValueError(f"LossConfig.reference_world_size must be >= 1, got {self.reference_world_size}")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise ValueError(f"LossConfig.chunk_tokens must be >= 1 or None, got {self.chunk_tokens}")
 

@@ -68,7 +68,8 @@ def weigh(seqs: list[Sequence], cfg: LossConfig, max_response_len: int) -> None:
     counts = BatchCounts.from_tensor(total)
     for s in seqs:
         s.token_weight = token_weights((s.sft_mask | s.rl_mask).unsqueeze(0), cfg.aggregation,
-                                       max_response_len=max_response_len, counts=counts)[0]
+                                       max_response_len=max_response_len, counts=counts,
+                                       reference_world_size=cfg.reference_world_size)[0]
 
 
 def data_parallel_share(groups: list, dp_rank: int, dp_size: int) -> list:
