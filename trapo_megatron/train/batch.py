@@ -18,10 +18,12 @@ from trapo_megatron.algo.advantages import ADVANTAGES
 from trapo_megatron.algo.aggregation import BatchCounts, token_weights
 from trapo_megatron.algo.loss import LossConfig
 from trapo_megatron.algo.masks import loss_masks, shift_labels, token_roles
+from trapo_megatron.algo.official_micro_batches import official_entropy_weights
 from trapo_megatron.data.packing import pack_row, plan_micro_batches
 from trapo_megatron.rollout.waves import Rollout
 
-PER_TOKEN_KEYS = ("labels", "sft_mask", "rl_mask", "advantages", "token_weight", "rollout_logprobs")
+PER_TOKEN_KEYS = ("labels", "sft_mask", "rl_mask", "advantages", "token_weight", "entropy_weight",
+                  "rollout_logprobs")
 
 
 @dataclass
@@ -34,7 +36,10 @@ class Sequence:
     rl_mask: torch.Tensor
     advantages: torch.Tensor
     rollout_logprobs: torch.Tensor
+    response_mask: torch.Tensor
+    """Positions that predict a response token (expert prefix and continuation, with or without a loss)."""
     token_weight: torch.Tensor | None = None
+    entropy_weight: torch.Tensor | None = None
 
 
 def advantages_of(groups: list[list[Rollout]], cfg: LossConfig) -> torch.Tensor:
@@ -56,12 +61,16 @@ def to_sequence(r: Rollout, advantage: float) -> Sequence:
     start = len(r.prompt_ids) + len(r.prefix_ids) - 1  # the position that predicts the first continuation token
     if r.continuation_logprobs:
         rollout_lp[start:start + len(r.continuation_logprobs)] = torch.tensor(r.continuation_logprobs)
+    response_mask = torch.zeros(length, dtype=torch.bool)
+    response_mask[max(len(r.prompt_ids) - 1, 0):length - 1] = True
     return Sequence(tokens=tokens, labels=shift_labels(tokens), sft_mask=sft_mask, rl_mask=rl_mask,
-                    advantages=torch.full((length,), float(advantage)), rollout_logprobs=rollout_lp)
+                    advantages=torch.full((length,), float(advantage)), rollout_logprobs=rollout_lp,
+                    response_mask=response_mask)
 
 
 def weigh(seqs: list[Sequence], cfg: LossConfig, max_response_len: int) -> None:
-    """Set every sequence's token_weight from the counts over ``seqs``: pass the whole step's batch."""
+    """Set every sequence's token_weight and entropy_weight from the counts over ``seqs``: pass the whole
+    step's batch, in batch order (the official entropy weights depend on it through verl's tie-breaking)."""
     total = torch.zeros(3)
     for s in seqs:
         total += BatchCounts.of((s.sft_mask | s.rl_mask).unsqueeze(0)).as_tensor()
@@ -70,6 +79,13 @@ def weigh(seqs: list[Sequence], cfg: LossConfig, max_response_len: int) -> None:
         s.token_weight = token_weights((s.sft_mask | s.rl_mask).unsqueeze(0), cfg.aggregation,
                                        max_response_len=max_response_len, counts=counts,
                                        reference_world_size=cfg.reference_world_size)[0]
+    if cfg.entropy_mode == "official":
+        weights = official_entropy_weights([s.response_mask for s in seqs], [len(s.tokens) for s in seqs],
+                                           cfg.reference_world_size, cfg.entropy_micro_batch_tokens)
+    else:
+        weights = [s.token_weight for s in seqs]
+    for s, w in zip(seqs, weights, strict=True):
+        s.entropy_weight = w
 
 
 def data_parallel_share(groups: list, dp_rank: int, dp_size: int) -> list:
