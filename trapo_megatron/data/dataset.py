@@ -87,16 +87,17 @@ class DataConfig:
     long_solution: Literal["bad_row", "truncate"] = "bad_row"
     """A solution over max_solution_tokens: "bad_row" (see on_bad_row); "truncate" cut to its first
     max_solution_tokens tokens, before the EOS and the prefix cut (the official code's right truncation to
-    max_response_length, verl/trapo_src/rl_dataset_with_target.py:199-208)."""
+    max_response_length, verl/trapo_src/rl_dataset_with_target.py:199-209)."""
     on_bad_row: Literal["error", "skip"] = "error"
     """"error": raise BadRowError naming row and field; "skip": drop the row and count why."""
     max_rows: int | None = None
     """Read only the first rows (tests, smoke runs)."""
     order: Literal["seeded", "randperm"] = "seeded"
     """The data order (train/sampler.py): "seeded" a shuffle per epoch using every prompt; "randperm" the
-    official sampler, torch.randperm per epoch from one seeded generator, with drop_last."""
+    official sampler, torch.randperm per epoch from one seeded generator, with drop_last
+    (verl/trapo_src/rl_dataset_with_target.py:427-461, mix_trainer.py:309-318)."""
     order_seed: int | None = None
-    """Seed of the data order; None: run.seed (the official: 47, rl_dataset_with_target.py:443)."""
+    """Seed of the data order; None: run.seed (the official: 47, verl/trapo_src/rl_dataset_with_target.py:443)."""
     max_skipped_fraction: float = 0.1
     """With on_bad_row="skip": more skipped rows than this fraction of the rows read fails the run at start
     (1.0: never)."""

@@ -27,7 +27,8 @@ class PromptConfig:
 
     template: Literal["chat", "plain", "raw"] = "chat"
     """"chat": the tokenizer's chat template (system + user + generation prompt); "plain": the text as is;
-    "raw": raw_template with the problem in place of {problem} (system and instruction unused)."""
+    "raw": raw_template with the problem in place of {problem} (system and instruction unused; the official
+    code's hard-coded string, verl/trapo_src/rl_dataset_with_target.py:105-108)."""
     system: str = PAPER_SYSTEM
     """System message in "chat" mode ("" leaves the system turn out)."""
     instruction: str = PAPER_INSTRUCTION

@@ -49,7 +49,7 @@ class RolloutConfig:
     """Base seed; request seeds mix it with the step, the example index and the sample index."""
     reward_special_tokens: bool = False
     """Decode responses for the reward with special tokens kept (the EOS text stays at the end); the official
-    code does (verl/trapo_src/main_mix_ppo.py:46-47, tokenizer.decode without skip_special_tokens)."""
+    code does (verl/trapo_src/main_mix_ppo.py:103, tokenizer.decode without skip_special_tokens)."""
 
     def __post_init__(self) -> None:
         if self.max_response_tokens < 1:

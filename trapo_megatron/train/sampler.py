@@ -4,8 +4,8 @@ depends only on (seed, step) and resuming needs no data-loader state.
 Orders (``data.order``):
 - "seeded": ``random.Random`` shuffles seeded by run.seed and the epoch; every prompt is used, a step may
   span two epochs.
-- "randperm": the official sampler (Su-my/TRAPO verl/trapo_src/rl_dataset_with_target.py:440-461, its
-  DataLoader in mix_trainer.py:309-317): epoch e is the (e+1)-th ``torch.randperm`` of ONE generator seeded
+- "randperm": the official sampler (Su-my/TRAPO verl/trapo_src/rl_dataset_with_target.py:427-461, its
+  DataLoader in mix_trainer.py:309-318): epoch e is the (e+1)-th ``torch.randperm`` of ONE generator seeded
   data.order_seed (47), cut into steps with drop_last (an epoch's leftover prompts are never used).
 """
 
