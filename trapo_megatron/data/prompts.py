@@ -20,6 +20,13 @@ OFFICIAL_RAW_TEMPLATE = (
     "step by step, and put your final answer within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n"
 )
 
+SIMPLERL_TEMPLATE = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{problem}\nPlease reason "
+    "step by step, and put your final answer within\\boxed{{}}.<|im_end|>\n<|im_start|>assistant\n"
+)
+"""The official eval's "simplerl" prompt (eval_scripts/generate_vllm.py:76-81), a raw_template; as there, no
+space before \\boxed and doubled braces (it is not a format string there)."""
+
 
 @dataclass(kw_only=True)
 class PromptConfig:
