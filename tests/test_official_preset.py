@@ -89,3 +89,15 @@ def test_the_paper_preset_keeps_the_papers_meaning(configs) -> None:
     assert (paper.optimizer.lr, paper.optimizer.weight_decay, paper.optimizer.decay_all_parameters) == (5e-6, 0.0, False)
     assert (paper.prompt.template, paper.data.order, paper.data.long_solution) == ("chat", "seeded", "bad_row")
     assert paper.run.prompts_per_step == 128 and not paper.rollout.reward_special_tokens
+
+
+def test_the_docs_table_names_tests_that_exist() -> None:
+    """docs/official.md's test column: every test_*.py[::name] it names is there."""
+    import re
+
+    tests = Path(__file__).parent
+    named = re.findall(r"`(test_\w+\.py)(?:::(\w+))?", (tests.parent / "docs" / "official.md").read_text())
+    assert len(named) >= 14
+    for file, name in named:
+        assert (tests / file).exists(), file
+        assert not name or f"def {name}(" in (tests / file).read_text(), f"{file}::{name}"
