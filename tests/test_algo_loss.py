@@ -28,6 +28,7 @@ from trapo_megatron.algo.masks import loss_masks, shift_labels, token_roles
         ({"advantage": "ppo"}, "advantage"),
         ({"temperature": 0.0}, "temperature"),
         ({"chunk_tokens": 0}, "chunk_tokens"),
+        ({"reference_world_size": 0}, "reference_world_size"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
@@ -165,7 +166,7 @@ def packed_batches(draw):
         trsft_alpha=draw(st.sampled_from([0.1, 0.5, 1.0])),
         entropy_coef=draw(st.sampled_from([0.0, 0.01])),
         temperature=draw(st.sampled_from([1.0, 0.7])),
-        aggregation=draw(st.sampled_from(["drgrpo", "token_mean", "seq_mean"])),
+        aggregation=draw(st.sampled_from(["drgrpo", "token_mean", "seq_mean", "fsdp_sum"])),
         chunk_tokens=draw(st.sampled_from([None, 1, 3])),
     )
     return seq_len, lens, carries, cfg, draw(st.integers(0, 2**16))

@@ -91,18 +91,21 @@ def test_two_replicas_give_the_one_replica_report(valid, model_dir, one_replica,
     assert a == b
 
 
-# Hand-written responses where the modes disagree: (response, gold, official_eval, full, last_boxed).
+# Hand-written responses where the modes disagree:
+# (response, gold, official_eval, full, last_boxed, official_eval_think).
 DISAGREE = [
     # a correct box followed by a long tail: the last-4,000-characters tail no longer holds it
-    ("So $\\boxed{7}$. " + "Checking once more, every step holds. " * 150, "7", 1.0, 1.0, 0.0),
-    # the official eval grades only the answer after </think>: the boxed 7 inside the thinking does not count
-    ("<think>\nIt is \\boxed{7}.\n</think>\nThe answer is 8.", "7", 0.0, 1.0, 1.0),
+    ("So $\\boxed{7}$. " + "Checking once more, every step holds. " * 150, "7", 1.0, 1.0, 0.0, 0.0),
+    # the official split mode grades only the answer after </think>: the boxed 7 inside the thinking does not
+    # count there; the official eval as eval.sh runs it grades the whole text
+    ("<think>\nIt is \\boxed{7}.\n</think>\nThe answer is 8.", "7", 1.0, 1.0, 1.0, 0.0),
     # math-verify reads two boxes joined by a comma as a set {3, 4}; the official boxed fallback saves it
-    ("First \\boxed{3}, corrected: \\boxed{4}", "4", 1.0, 0.0, 1.0),
+    ("First \\boxed{3}, corrected: \\boxed{4}", "4", 1.0, 0.0, 1.0, 0.0),
 ]
 
 
-@pytest.mark.parametrize("mode,column", [("official_eval", 2), ("full", 3), ("last_boxed", 4)])
+@pytest.mark.parametrize("mode,column", [("official_eval", 2), ("full", 3), ("last_boxed", 4),
+                                         ("official_eval_think", 5)])
 def test_grading_modes_disagree_as_expected(tmp_path, mode, column) -> None:
     data = tmp_path / "b.jsonl"
     data.write_text("".join(json.dumps({"problem": f"p{i}", "answer": g, "id": str(i)}) + "\n"

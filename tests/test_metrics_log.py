@@ -30,3 +30,16 @@ def test_a_resume_replaces_the_steps_a_killed_run_logged_after_its_checkpoint(tm
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(r["step"], r["loss"]) for r in rows]
+
+
+def test_small_and_precise_floats_keep_their_significant_digits(tmp_path: Path) -> None:
+    import torch
+
+    fp32 = float(torch.tensor(0.1234567891, dtype=torch.float32))  # an all-reduced metric, read back exactly
+    values = {"lr": 1e-6 * 0.37, "logprob_gap_mean": 4.2e-7, "reward": 0.125}
+    log = MetricsLogger(tmp_path, enabled=True, total_steps=1, start_step=0, progress=False, sinks=lambda s: [])
+    log.log(1, {**values, "loss": fp32, "guided": 3})
+    log.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert {k: row[k] for k in values} == values and row["guided"] == 3
+    assert float(torch.tensor(row["loss"], dtype=torch.float32)) == fp32 and abs(row["loss"] - fp32) < 1e-9

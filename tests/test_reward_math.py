@@ -52,7 +52,8 @@ def test_real_answer_pairs(pool):
 
 @pytest.mark.parametrize("mode", sorted(GRADERS))
 def test_every_mode_grades_short_answers_alike(mode):
-    assert [grade(r, g, mode=mode) for r, g, _ in PAIRS] == [e for _, _, e in PAIRS]
+    head = "thinking </think>" if mode == "official_eval_think" else ""  # that mode reads after </think> only
+    assert [grade(head + r, g, mode=mode) for r, g, _ in PAIRS] == [e for _, _, e in PAIRS]
 
 
 # (response, gold, full, last_boxed): where the official full-response reward and the last-boxed tail differ

@@ -1,5 +1,6 @@
 """The official TRAPO training file as shipped trains for 2 steps at TP=2 in the official mode (experts
-extra_info.answer_list[0] and [1], held-out on the official MATH file), with the load reports in the run
+extra_info.answer_list[0] and [1], held-out on the official MATH file) with the official update, data order,
+prompt and reward knobs, with the load reports in the run
 directory and a W&B offline run holding the same metric names as metrics.jsonl."""
 
 from __future__ import annotations
@@ -64,8 +65,12 @@ def test_official_training_file_trains_two_steps_at_tp2(tmp_path: Path) -> None:
     overrides = [
         f"run.output_dir={out}", "run.max_steps=2", "run.prompts_per_step=2", "run.progress=false",
         f"model.hf_path={model_dir}", f"data.path={train_file}", "data.format=verl", "data.expert_text=think",
-        "data.max_prompt_tokens=128", "prompt.template=chat", "prompt.system=You are a helpful assistant.",
-        "prompt.instruction= Please reason step by step.",
+        "data.max_prompt_tokens=128", "prompt.template=raw",
+        # the official update, order and reward knobs of examples/trapo_official.yaml (16 sequences / 8 ranks)
+        "loss.aggregation=fsdp_sum", "loss.reference_world_size=8", "loss.entropy_coef=0.001",
+        "loss.entropy_mode=official", "optimizer.weight_decay=0.01", "optimizer.decay_all_parameters=true",
+        "data.order=randperm", "data.order_seed=47", "data.max_solution_tokens=24", "data.long_solution=truncate",
+        "rollout.reward_special_tokens=true",
         "micro_groups.mode=official", "micro_groups.sizes=[4,2,1,1]", "micro_groups.ratios=[0.0,0.25,0.5,1.0]",
         "micro_groups.thresholds=[-1,2,4,7]", "rollout.max_response_tokens=32",
         f"evaluation.path={valid['math']}", "evaluation.max_problems=2", "evaluation.max_new_tokens=8",

@@ -140,7 +140,8 @@ class Trainer:
         """Advantages over each prompt's group, then one optimizer step on TrSFT (prefix) + Dr.GRPO
         (continuation) tokens of this DP rank's share, every token weighted by the whole step's denominator."""
         cfg, policy = self.cfg, self.run.policy
-        seqs = batching.sequences(rollouts.share, cfg.loss, cfg.rollout.max_response_tokens, rollouts.totals.counts)
+        seqs = batching.sequences(rollouts.share, cfg.loss, cfg.rollout.max_response_tokens, rollouts.totals.counts,
+                                  rollouts.lengths)
         sums = policy.train_step(batching.micro_batches(seqs, cfg.run.max_tokens_per_micro_batch), cfg.loss)
         sums["num_tokens"] = rollouts.totals.num_tokens  # over the global batch
         return sums

@@ -10,6 +10,11 @@ Modes (``LossConfig.aggregation``), for the loss tokens (SFT and RL tokens alike
     drgrpo      w = 1 / (max_response_len * num_seqs)          Dr.GRPO constant normalizer (the paper)
     token_mean  w = 1 / num_loss_tokens                         every token of the batch counts the same
     seq_mean    w = 1 / (num_loss_tokens_i * num_nonempty_seqs) mean over sequences of per-sequence means
+    fsdp_sum    w = 1 / (max_response_len * reference_world_size)   the official verl/FSDP actor
+
+``fsdp_sum`` is the official code's scale (Su-my/TRAPO, verl/trapo_src/mix_core_alg.py:290-291): each rank
+sums its tokens' losses over the padded response width, in a single gradient-accumulation step, and FSDP
+averages the ranks' gradients. It depends on the world size of the REFERENCE run (8 GPUs), not on ours.
 
 ``num_seqs`` counts every sequence of the global batch (rows without loss tokens included);
 ``num_nonempty_seqs`` only those with at least one loss token. When each data-parallel rank builds the
@@ -24,7 +29,7 @@ from typing import Literal
 
 import torch
 
-AggregationMode = Literal["drgrpo", "token_mean", "seq_mean"]
+AggregationMode = Literal["drgrpo", "token_mean", "seq_mean", "fsdp_sum"]
 
 
 @dataclass(frozen=True)
@@ -57,28 +62,41 @@ class BatchCounts:
         return cls(num_seqs=t[0], num_loss_tokens=t[1], num_nonempty_seqs=t[2])
 
 
-def _drgrpo(loss_mask: torch.Tensor, counts: BatchCounts, max_response_len: int | None) -> torch.Tensor:
-    """Dr.GRPO: ``1 / (max_response_len * num_seqs)`` on every loss token; the denominator is a constant of
-    the run (the generation budget), so a token's weight never depends on the length of its sequence."""
+def _width(mode: str, max_response_len: int | None) -> int:
     if max_response_len is None or max_response_len <= 0:
         raise ValueError(
-            "aggregation='drgrpo' needs max_response_len > 0 (the rollout's max response length)"
+            f"aggregation={mode!r} needs max_response_len > 0 (the rollout's max response length)"
         )
-    return loss_mask / (max_response_len * counts.num_seqs.clamp(min=1))
+    return max_response_len
 
 
-def _token_mean(loss_mask: torch.Tensor, counts: BatchCounts, max_response_len: int | None) -> torch.Tensor:
+def _drgrpo(loss_mask: torch.Tensor, counts: BatchCounts, max_response_len: int | None,
+            reference_world_size: int) -> torch.Tensor:
+    """Dr.GRPO: ``1 / (max_response_len * num_seqs)`` on every loss token; the denominator is a constant of
+    the run (the generation budget), so a token's weight never depends on the length of its sequence."""
+    return loss_mask / (_width("drgrpo", max_response_len) * counts.num_seqs.clamp(min=1))
+
+
+def _fsdp_sum(loss_mask: torch.Tensor, counts: BatchCounts, max_response_len: int | None,
+              reference_world_size: int) -> torch.Tensor:
+    """The official actor: ``1 / (max_response_len * reference_world_size)``, whatever the batch holds."""
+    return loss_mask / (_width("fsdp_sum", max_response_len) * reference_world_size)
+
+
+def _token_mean(loss_mask: torch.Tensor, counts: BatchCounts, max_response_len: int | None,
+                reference_world_size: int) -> torch.Tensor:
     """Token mean: ``1 / num_loss_tokens`` (global), so long sequences weigh more in total."""
     return loss_mask / counts.num_loss_tokens.clamp(min=1)
 
 
-def _seq_mean(loss_mask: torch.Tensor, counts: BatchCounts, max_response_len: int | None) -> torch.Tensor:
+def _seq_mean(loss_mask: torch.Tensor, counts: BatchCounts, max_response_len: int | None,
+              reference_world_size: int) -> torch.Tensor:
     """Sequence mean of token means: ``1 / (num_loss_tokens_i * num_nonempty_seqs)`` (GRPO's original)."""
     per_seq = loss_mask.sum(dim=-1, keepdim=True).clamp(min=1)
     return loss_mask / (per_seq * counts.num_nonempty_seqs.clamp(min=1))
 
 
-AGGREGATIONS = {"drgrpo": _drgrpo, "token_mean": _token_mean, "seq_mean": _seq_mean}
+AGGREGATIONS = {"drgrpo": _drgrpo, "token_mean": _token_mean, "seq_mean": _seq_mean, "fsdp_sum": _fsdp_sum}
 """Per-token weight rules by the name ``LossConfig.aggregation`` takes."""
 
 
@@ -88,15 +106,19 @@ def token_weights(
     *,
     max_response_len: int | None = None,
     counts: BatchCounts | None = None,
+    reference_world_size: int = 1,
 ) -> torch.Tensor:
     """Aggregation weights ``[N, L]`` fp32 for ``loss_mask`` ``[N, L]`` bool (SFT | RL loss positions of each
     sequence), 0 outside the mask.
 
     ``counts`` are the GLOBAL batch counts; leave it None when ``loss_mask`` is the whole global batch.
-    ``max_response_len`` (the rollout's maximum response length) is needed for ``drgrpo`` only.
+    ``max_response_len`` (the rollout's maximum response length) is needed for ``drgrpo`` and ``fsdp_sum``;
+    ``reference_world_size`` (the data-parallel size of the run being reproduced) is read by ``fsdp_sum`` only.
     """
+    if reference_world_size < 1:
+        raise ValueError(f"reference_world_size must be >= 1, got {reference_world_size}")
     if mode not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {sorted(AGGREGATIONS)}, got {mode!r}")
     loss_mask = loss_mask.to(torch.bool)
     counts = counts if counts is not None else BatchCounts.of(loss_mask)
-    return AGGREGATIONS[mode](loss_mask.float(), counts, max_response_len)
+    return AGGREGATIONS[mode](loss_mask.float(), counts, max_response_len, reference_world_size)

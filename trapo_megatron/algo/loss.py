@@ -1,8 +1,11 @@
 """The full TRAPO loss of one packed micro-batch: prefix-token objective (TrSFT) + Dr.GRPO on continuations.
 
     loss = sum_t token_weight[t] * ( sft_mask[t] * prefix_objective(logp[t])
-                                   + rl_mask[t]  * pg_loss[t]
-                                   - (sft_mask[t] | rl_mask[t]) * entropy_coef * H[t] )
+                                   + rl_mask[t]  * pg_loss[t] )
+         - sum_t entropy_weight[t] * entropy_coef * H[t]
+
+(entropy_weight = token_weight on the loss tokens by default; the official mode's is in
+official_micro_batches.py)
 
 ``token_weight`` carries the global denominator (``aggregation.token_weights``), so summing this over
 micro-batches and ranks gives the global loss and the gradient is independent of the split. The train step
@@ -50,10 +53,23 @@ class LossConfig:
     """Truncated importance sampling cap C: continuation losses are weighted by min(pi_old/pi_rollout, C),
     correcting the train/inference mismatch. Needs rollout_logprobs in the batch. None: off."""
     entropy_coef: float = 0.0
-    """Entropy bonus coefficient over response tokens (prefix + continuation); the official code: 0.001."""
+    """Entropy bonus coefficient; the official code: 0.001 (exp_scripts/train_trapo.sh:52)."""
+    entropy_mode: Literal["loss_tokens", "official"] = "loss_tokens"
+    """Which tokens carry the entropy bonus and how it is weighed: "loss_tokens" the SFT and RL tokens with the
+    aggregation weights of the loss; "official" every response token (prefix without SFT included) with the
+    official per-micro-batch token mean, averaged over reference_world_size ranks, the micro-batches rebuilt
+    from the lengths (official_micro_batches.py; verl/trapo_src/mix_actor.py:211,235)."""
+    entropy_micro_batch_tokens: int = 32768
+    """Token budget of an official micro-batch, read by entropy_mode="official" (ppo_max_token_len_per_gpu,
+    exp_scripts/train_trapo.sh:33-34)."""
     aggregation: AggregationMode = "drgrpo"
     """How per-token losses are summed (read by the trainer when it builds token_weight, see aggregation.py):
-    "drgrpo" 1/(max_response_len * num_seqs), "token_mean" 1/num_tokens, "seq_mean" 1/(len_i * num_seqs)."""
+    "drgrpo" 1/(max_response_len * num_seqs), "token_mean" 1/num_tokens, "seq_mean" 1/(len_i * num_seqs),
+    "fsdp_sum" 1/(max_response_len * reference_world_size) (the official actor: verl/trapo_src/
+    mix_core_alg.py:290-291, FSDP's mean over ranks)."""
+    reference_world_size: int = 8
+    """Data-parallel size of the run being reproduced, read by aggregation="fsdp_sum" and
+    entropy_mode="official" (the official script: 8 GPUs, exp_scripts/train_trapo.sh:58)."""
     advantage: Literal["drgrpo", "grpo"] = "drgrpo"
     """Advantage estimator (read by the trainer, see advantages.py): "drgrpo" r - group mean; "grpo" also
     divides by the group std."""
@@ -89,6 +105,14 @@ class LossConfig:
             raise ValueError(f"LossConfig.tis_cap must be > 0 or None, got {self.tis_cap}")
         if not (self.entropy_coef >= 0.0 and math.isfinite(self.entropy_coef)):
             raise ValueError(f"LossConfig.entropy_coef must be a finite number >= 0, got {self.entropy_coef}")
+        if self.entropy_mode not in ("loss_tokens", "official"):
+            raise ValueError(f"LossConfig.entropy_mode must be 'loss_tokens' or 'official', got {self.entropy_mode!r}")
+        if self.entropy_micro_batch_tokens < 1:
+            raise ValueError(
+                f"LossConfig.entropy_micro_batch_tokens must be >= 1, got {self.entropy_micro_batch_tokens}"
+            )
+        if self.reference_world_size < 1:
+            raise ValueError(f"LossConfig.reference_world_size must be >= 1, got {self.reference_world_size}")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise ValueError(f"LossConfig.chunk_tokens must be >= 1 or None, got {self.chunk_tokens}")
 
@@ -125,6 +149,9 @@ class TokenBatch(TypedDict):
     """[T] float: the sequence advantage copied onto each of its tokens."""
     token_weight: torch.Tensor
     """[T] float: aggregation weight (global denominator included), 0 off the loss tokens."""
+    entropy_weight: NotRequired[torch.Tensor | None]
+    """[T] float: the entropy bonus's weight (global denominator included), 0 off its tokens; None or absent:
+    token_weight (entropy_mode="loss_tokens")."""
     old_logprobs: NotRequired[torch.Tensor | None]
     """[T] float: log-probs of the policy that generated the batch, as the trainer computes them."""
     rollout_logprobs: NotRequired[torch.Tensor | None]
@@ -210,10 +237,12 @@ def trapo_loss_from_logprobs(
         tis, truncated = tis_weights(old, rollout.to(logp.dtype), rl_mask, cfg.tis_cap)
         pg_per_token = pg_per_token * tis
 
-    ent_per_token = entropy_bonus(entropy, loss_mask, cfg.entropy_coef)
+    ent_weight = batch.get("entropy_weight")
+    ent_weight = weight if ent_weight is None else ent_weight.to(logp.dtype)
+    ent_per_token = entropy_bonus(entropy, ent_weight > 0, cfg.entropy_coef)
     sft_loss = (weight * sft_per_token).sum()
     pg_loss = (weight * pg_per_token).sum()
-    ent_loss = (weight * ent_per_token).sum()
+    ent_loss = (ent_weight * ent_per_token).sum()
     loss = sft_loss + pg_loss + ent_loss
 
     p = logp.detach().exp()

@@ -82,11 +82,22 @@ class DataConfig:
     max_prompt_tokens: int = 1024
     """A prompt longer than this (in tokens, template included) is a bad row."""
     max_solution_tokens: int | None = None
-    """An expert solution longer than this (in tokens, before EOS) is a bad row; None = no limit."""
+    """Limit on an expert solution (in tokens, before EOS); None = no limit. What a longer one does:
+    long_solution."""
+    long_solution: Literal["bad_row", "truncate"] = "bad_row"
+    """A solution over max_solution_tokens: "bad_row" (see on_bad_row); "truncate" cut to its first
+    max_solution_tokens tokens, before the EOS and the prefix cut (the official code's right truncation to
+    max_response_length, verl/trapo_src/rl_dataset_with_target.py:199-209)."""
     on_bad_row: Literal["error", "skip"] = "error"
     """"error": raise BadRowError naming row and field; "skip": drop the row and count why."""
     max_rows: int | None = None
     """Read only the first rows (tests, smoke runs)."""
+    order: Literal["seeded", "randperm"] = "seeded"
+    """The data order (train/sampler.py): "seeded" a shuffle per epoch using every prompt; "randperm" the
+    official sampler, torch.randperm per epoch from one seeded generator, with drop_last
+    (verl/trapo_src/rl_dataset_with_target.py:427-461, mix_trainer.py:309-318)."""
+    order_seed: int | None = None
+    """Seed of the data order; None: run.seed (the official: 47, verl/trapo_src/rl_dataset_with_target.py:443)."""
     max_skipped_fraction: float = 0.1
     """With on_bad_row="skip": more skipped rows than this fraction of the rows read fails the run at start
     (1.0: never)."""
@@ -108,6 +119,10 @@ class DataConfig:
             raise ValueError(f"data.max_skipped_fraction must lie in [0, 1], got {self.max_skipped_fraction}")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        if self.order not in ("seeded", "randperm"):
+            raise ValueError(f"data.order must be 'seeded' or 'randperm', got {self.order!r}")
+        if self.long_solution not in ("bad_row", "truncate"):
+            raise ValueError(f"data.long_solution must be 'bad_row' or 'truncate', got {self.long_solution!r}")
         if self.expert_text not in ("full", "think"):
             raise ValueError(f"data.expert_text must be 'full' or 'think', got {self.expert_text!r}")
         if self.max_prompt_tokens < 1:
@@ -285,6 +300,8 @@ def tokenize_row(
             f" ({len(prompt_ids)} tokens > data.max_prompt_tokens={cfg.max_prompt_tokens})",
         )
     solution_ids = [list(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in solutions]
+    if cfg.long_solution == "truncate" and cfg.max_solution_tokens is not None:
+        solution_ids = [ids[:cfg.max_solution_tokens] for ids in solution_ids]
     for ids in solution_ids:
         if cfg.max_solution_tokens is not None and len(ids) > cfg.max_solution_tokens:
             raise BadRowError(

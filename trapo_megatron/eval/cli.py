@@ -7,7 +7,8 @@ Data parallel: under torchrun (WORLD_SIZE > 1) the world is cut into engine repl
 (rollout/replicas.py); each replica generates its share of the requests, rank 0 gathers, grades and reports.
 8 GPUs, a 7B model: ``torchrun --nproc-per-node 8 -m trapo_megatron.eval --engine vllm --tp 1 ...``
 (8 replicas). The official eval's settings: ``--n 1`` on the official files (AIME/AMC rows repeat 32x),
-``--temperature 0.6 --top-p 1.0 --max-tokens 8192 --memory-fraction 0.85 --grading official_eval``.
+``--temperature 0.6 --top-p 1.0 --max-tokens 8192 --memory-fraction 0.85 --prompt-template simplerl
+--grading official_eval``, all set by ``--preset official``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trapo_megatron.data.prompts import PAPER_INSTRUCTION, PAPER_SYSTEM
+from trapo_megatron.data.prompts import PAPER_INSTRUCTION, PAPER_SYSTEM, SIMPLERL_TEMPLATE
 from trapo_megatron.eval.benchmarks import FORMATS, Item, load_benchmark, parse_data_arg, sample_benchmarks
 from trapo_megatron.eval.report import (
     format_table,
@@ -30,9 +31,30 @@ from trapo_megatron.eval.report import (
 )
 from trapo_megatron.reward.math_reward import GRADERS
 
+RAW_TEMPLATES = {"simplerl": SIMPLERL_TEMPLATE}
+"""--prompt-template names that are whole prompt strings (prompt.template="raw")."""
+
+PRESETS = {
+    "official": {"temperature": 0.6, "top_p": 1.0, "max_tokens": 8192, "n": 1, "prompt_template": "simplerl",
+                 "grading": "official_eval", "memory_fraction": 0.85},
+}
+"""--preset NAME -> flag values: "official" is eval_scripts/generate_vllm.py as eval.sh runs it (sampling :83
+and :250, the simplerl prompt :76-81, math-verify then the boxed fallback on the whole text :162-208, vLLM
+memory :252)."""
+
+
+class _Preset(argparse.Action):
+    """Sets the preset's values where it stands: flags after it override them."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        for key, value in PRESETS[values].items():
+            setattr(namespace, key, value)
+
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `trapo eval`."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), action=_Preset,
+                        help="the official eval's sampling, prompt and grading (flags after it override)")
     parser.add_argument("--data", action="append", default=[], metavar="[NAME=]FORMAT:PATH",
                         help=f"a benchmark file (.jsonl/.json/.parquet); FORMAT one of {', '.join(FORMATS)}; "
                              "repeatable. Without it: the shipped sample set")
@@ -54,15 +76,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.95, help="(default %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="response budget (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="base seed of the per-request seeds")
-    parser.add_argument("--prompt-template", choices=("chat", "plain"), default="chat",
-                        help="chat: system + problem + instruction through the chat template")
+    parser.add_argument("--prompt-template", choices=("chat", "plain", *RAW_TEMPLATES), default="chat",
+                        help="chat: system + problem + instruction through the chat template; simplerl: the "
+                             "official eval's raw prompt string (--system and --instruction unused)")
     parser.add_argument("--system", default=PAPER_SYSTEM, help="system turn ('' leaves it out; default: the paper's)")
     parser.add_argument("--instruction", default=PAPER_INSTRUCTION,
                         help="appended to each problem (default: the paper's); may be ''")
     parser.add_argument("--grading", choices=sorted(GRADERS), default="official_eval",
-                        help="official_eval: the official eval script (answer after </think>, math-verify vs "
-                             "$gold$, boxed fallback); full: the training reward; last_boxed: the last \\boxed{} "
-                             "of the last 4,000 characters (default %(default)s)")
+                        help="official_eval: the official eval script (math-verify vs $gold$ on the whole text, "
+                             "then its boxed fallback); official_eval_think: its split mode (the text after "
+                             "</think> only, 0 without one); full: the training reward; last_boxed: the last "
+                             "\\boxed{} of the last 4,000 characters (default %(default)s)")
     parser.add_argument("--memory-fraction", type=float, default=0.85,
                         help="vLLM gpu_memory_utilization (default %(default)s, as the official eval)")
     parser.add_argument("--max-model-len", type=int, default=None,
@@ -153,7 +177,9 @@ def generate(args: argparse.Namespace, items: list[Item]) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                               seed=args.seed)
-    prompt = PromptConfig(template=args.prompt_template, system=args.system, instruction=args.instruction)
+    prompt = (PromptConfig(template="raw", raw_template=RAW_TEMPLATES[args.prompt_template])
+              if args.prompt_template in RAW_TEMPLATES else
+              PromptConfig(template=args.prompt_template, system=args.system, instruction=args.instruction))
     requests = build_requests(tokenizer, items, n=args.n, sampling=sampling, prompt=prompt)
     world, rank, gather = _world()
     layout = ReplicaLayout(world, args.tp, rank) if gather else ReplicaLayout(args.tp, args.tp, 0)

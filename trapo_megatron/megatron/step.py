@@ -43,7 +43,11 @@ class OptimizerConfig:
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many optimizer steps."""
     weight_decay: float = 0.0
-    """Decoupled weight decay."""
+    """Decoupled weight decay (AdamW)."""
+    decay_all_parameters: bool = False
+    """Decay biases and norm weights too (the official run: torch AdamW over every parameter,
+    verl/trapo_src/mix_fsdp_worker.py:229-241). False: megatron-core's default, which skips every 1-D
+    parameter and bias (get_standard_config_overrides in megatron/core/optimizer/__init__.py, 0.19.2)."""
     adam_beta1: float = 0.9
     """Adam beta1."""
     adam_beta2: float = 0.999
@@ -108,7 +112,10 @@ def build_optimizer(ddp_chunks: list[Any], cfg: OptimizerConfig, total_steps: in
         bf16=model_config.bf16, fp16=model_config.fp16, params_dtype=model_config.params_dtype,
     )
     with platform.cuda_literals_on_cpu():
-        optimizer = get_megatron_optimizer(mcfg, ddp_chunks)
+        # An empty override table replaces megatron's standard one, whose only entry (no decoupled_lr here)
+        # is the wd_mult=0 of 1-D parameters and biases.
+        optimizer = get_megatron_optimizer(mcfg, ddp_chunks, config_overrides={} if cfg.decay_all_parameters
+                                           else None)
     decay_steps = max(total_steps, cfg.warmup_steps + 1)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if cfg.warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,

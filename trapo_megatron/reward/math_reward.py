@@ -15,13 +15,14 @@ Grading modes (``reward.mode``, one function each in GRADERS):
   and the backstop bound the time instead.
 - "last_boxed": only the last \\boxed{...} in the response's last ``max_response_chars`` characters (or, with
   no box, what math-verify parses from that tail) counts.
-- "official_eval": the official evaluation script (Su-my/TRAPO eval_scripts/generate_vllm.py): the text after
-  the first "</think>" (the whole response without one, as the script does with NO_SPLIT_THINK) graded as
-  "full"; when that fails, the last \boxed{} graded as "last_boxed". The script's fallback
-  (eval_scripts/oat_math_grader.py, boxed_reward_fn) accepts the last \boxed{} when ANY of three checks
-  passes: a normalised string match that also strips ~150 unit words (lone letters among them, so "(c)"
-  matches "(a)"), a sympy difference, and math-verify on the boxed content. Only the third is reproduced
-  here, so a response the first two accept scores 0 here and 1 there.
+- "official_eval": the official evaluation script (Su-my/TRAPO eval_scripts/generate_vllm.py:162-208, as
+  eval.sh runs it): math-verify on the WHOLE response as "full"; when that fails, the official boxed
+  fallback (oat_math_grader.py boxed_reward_fn: the last \boxed{} of the whole text accepted by a
+  mathd-normalised string match, a sympy difference or math-verify on the boxed content; any passes;
+  reward/official_grader.py).
+- "official_eval_think": the script's split mode (a prompt ending in "<think>\n", or
+  --add_think_before_answer): "<think>\n" is put before the response and only the text between the first
+  and the second "</think>" is graded as "official_eval"; a response without "</think>" scores 0.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from typing import Literal, Self
 
+from trapo_megatron.reward.official_grader import boxed_fallback
+
 _QUIET_LOGGERS = ("math_verify", "latex2sympy2_extended", "sympy")
 
 
@@ -43,7 +46,7 @@ _QUIET_LOGGERS = ("math_verify", "latex2sympy2_extended", "sympy")
 class RewardConfig:
     """The grading pool."""
 
-    mode: Literal["full", "last_boxed", "official_eval"] = "full"
+    mode: Literal["full", "last_boxed", "official_eval", "official_eval_think"] = "full"
     """How a response is graded (module docstring): "full" is the official training reward."""
     num_workers: int = 4
     """Worker processes (each grades one item at a time)."""
@@ -152,18 +155,27 @@ def grade_last_boxed(response: str, gold: str, *, max_response_chars: int = 4000
 
 def grade_official_eval(response: str, gold: str, *, max_response_chars: int = 4000, max_gold_chars: int = 1000,
                         ) -> float:
-    """The official eval script: the answer part after "</think>" graded in full, then a boxed fallback."""
-    _, tag, after = response.partition("</think>")
-    answer = after.split("</think>")[0] if tag else response
-    if grade_full(answer, gold, max_gold_chars=max_gold_chars):
+    """The official eval script on the whole text: math-verify in full, then the official boxed fallback."""
+    if grade_full(response, gold, max_gold_chars=max_gold_chars):
         return 1.0
-    return grade_last_boxed(answer, gold, max_response_chars=max_response_chars, max_gold_chars=max_gold_chars)
+    return boxed_fallback(response, gold[:max_gold_chars])
+
+
+def grade_official_eval_think(response: str, gold: str, *, max_response_chars: int = 4000,
+                              max_gold_chars: int = 1000) -> float:
+    """The official eval script's split mode: the text between the first and second "</think>" of
+    "<think>\n" + response, graded as "official_eval"; no "</think>": 0."""
+    parts = ("<think>\n" + response).split("</think>")
+    if len(parts) < 2:
+        return 0.0
+    return grade_official_eval(parts[1], gold, max_gold_chars=max_gold_chars)
 
 
 GRADERS: dict[str, Callable[..., float]] = {
     "full": grade_full,
     "last_boxed": grade_last_boxed,
     "official_eval": grade_official_eval,
+    "official_eval_think": grade_official_eval_think,
 }
 """reward.mode -> grading function (response, gold, max_response_chars=, max_gold_chars=) -> 0.0 | 1.0."""
 

@@ -241,6 +241,49 @@ def reduce_step(mine: Samples | None, guided: torch.Tensor | None, stats: WaveSt
     return totals, waves
 
 
+@dataclass
+class StepLengths:
+    """Every sample of the step in batch order (position-major, then sample order): the official entropy
+    mode's micro-batches are built from the whole step's lengths (algo/official_micro_batches.py), so each
+    rank needs them, two ints a sample, not the samples themselves."""
+
+    offsets: torch.Tensor
+    """[positions + 1] index of each batch position's first sample."""
+    lengths: torch.Tensor
+    """[N] prompt + prefix + continuation tokens."""
+    response_lens: torch.Tensor
+    """[N] prefix + continuation tokens."""
+
+    @classmethod
+    def of_step(cls, step: Samples) -> StepLengths:
+        """From ``step`` holding the whole step's groups in batch order (one process, tests)."""
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(step.group_sizes, 0)])
+        return cls(offsets=offsets, lengths=step.lengths, response_lens=step.prefix_lens + step.continuation_lens)
+
+    def indices_of(self, share: Samples) -> torch.Tensor:
+        """Step-wide sample indices of ``share``'s samples, in its order."""
+        return _ranges(self.offsets[share.positions], share.group_sizes)
+
+
+def step_lengths(mine: Samples | None, num_items: int, group: Any) -> StepLengths:
+    """:class:`StepLengths` from the replica leaders' groups (``mine``; None off a leader): two SUM
+    all-reduces of int64 host tensors, each position filled by exactly one leader."""
+    sizes = torch.zeros(num_items, dtype=torch.long)
+    if mine is not None:
+        sizes[mine.positions] = mine.group_sizes
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(sizes, group=group)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
+    per = torch.zeros(2, int(offsets[-1]), dtype=torch.long)
+    if mine is not None:
+        index = _ranges(offsets[mine.positions], mine.group_sizes)
+        per[0, index] = mine.lengths
+        per[1, index] = mine.prefix_lens + mine.continuation_lens
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(per, group=group)
+    return StepLengths(offsets=offsets, lengths=per[0], response_lens=per[1])
+
+
 def exchange(mine: Samples | None, num_items: int, layout: ReplicaLayout, dp_ranks: Sequence[int], dp_size: int,
              group: Any) -> Samples:
     """This rank's data-parallel share of the step (batch positions ``dp_ranks[rank] + k * dp_size``).

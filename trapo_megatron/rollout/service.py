@@ -27,7 +27,14 @@ import torch.distributed as dist
 from trapo_megatron.algo.micro_groups import MicroGroupConfig
 from trapo_megatron.data.dataset import Example
 from trapo_megatron.rollout.engine import RolloutEngine, SamplingParams
-from trapo_megatron.rollout.handover import Samples, StepTotals, exchange, reduce_step
+from trapo_megatron.rollout.handover import (
+    Samples,
+    StepLengths,
+    StepTotals,
+    exchange,
+    reduce_step,
+    step_lengths,
+)
 from trapo_megatron.rollout.replicas import ReplicaLayout, broadcast_from_leader
 from trapo_megatron.rollout.waves import RolloutConfig, Scorer, WaveStats, run_waves, stop_token_ids
 from trapo_megatron.train import faults
@@ -61,6 +68,8 @@ class StepRollouts:
     """This data-parallel rank's groups (batch positions dp_rank, dp_rank + dp_size, ...)."""
     totals: StepTotals
     """Sums over the whole step."""
+    lengths: StepLengths
+    """Every sample's lengths, the whole step's (for the official entropy mode's micro-batches)."""
     stats: WaveStats
     """Counts summed over replicas (engine calls: distinct generate calls of the step); seconds: the slowest
     replica's (wall time)."""
@@ -103,7 +112,8 @@ class RolloutService:
         guided = torch.tensor([r.guided for g in groups for r in g], dtype=torch.bool) if leader else None
         totals, stats = reduce_step(mine, guided, stats, self.host_group)
         share = exchange(mine, len(batch), self.layout, self.dp_ranks, self.dp_size, self.host_group)
-        return StepRollouts(share=share, totals=totals, stats=stats)
+        return StepRollouts(share=share, totals=totals, lengths=step_lengths(mine, len(batch), self.host_group),
+                            stats=stats)
 
     def evaluate(self, examples: Sequence[Example], max_new_tokens: int) -> float:
         """Greedy accuracy over ``examples``, each replica answering its share (graded on its leader)."""

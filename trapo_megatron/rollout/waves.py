@@ -47,6 +47,9 @@ class RolloutConfig:
     """Stop tokens besides the tokenizer's EOS (e.g. <|im_end|> for chat models)."""
     seed: int = 0
     """Base seed; request seeds mix it with the step, the example index and the sample index."""
+    reward_special_tokens: bool = False
+    """Decode responses for the reward with special tokens kept (the EOS text stays at the end); the official
+    code does (verl/trapo_src/main_mix_ppo.py:103, tokenizer.decode without skip_special_tokens)."""
 
     def __post_init__(self) -> None:
         if self.max_response_tokens < 1:
@@ -252,7 +255,7 @@ def run_waves(
             groups[p].extend(wave.samples[start:])  # rewards arrive after the wave is graded
         stats.guided_prompts.append(num_guided)
         _generate(engine, wave, stats)
-        _score(scorer, tokenizer, examples, wave, stats)
+        _score(scorer, tokenizer, examples, wave, stats, cfg.reward_special_tokens)
         offset += schedule.sizes[mg]
     return groups, stats
 
@@ -279,9 +282,10 @@ def _generate(engine: RolloutEngine, wave: _Wave, stats: WaveStats) -> None:
         )
 
 
-def _score(scorer: Scorer, tokenizer, examples: Sequence[Example], wave: _Wave, stats: WaveStats) -> None:
+def _score(scorer: Scorer, tokenizer, examples: Sequence[Example], wave: _Wave, stats: WaveStats,
+           special_tokens: bool) -> None:
     t0 = time.perf_counter()
-    texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in wave.samples]
+    texts = [tokenizer.decode(r.response_ids, skip_special_tokens=not special_tokens) for r in wave.samples]
     golds = {ex.index: ex.answer for ex in examples}
     for r, s in zip(
         wave.samples, scorer.score(texts, [golds[r.example_index] for r in wave.samples]), strict=True

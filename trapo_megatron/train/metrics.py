@@ -14,6 +14,10 @@ from typing import Any
 
 from trapo_megatron.train.loggers import Sink, TensorBoardSink
 
+SIGNIFICANT_DIGITS = 9
+"""Floats are written with this many significant digits: every fp32 value round-trips, fp64 noise goes, and a
+small value (an lr of 1e-6 under decay, a log-prob gap of 1e-7) keeps its digits instead of rounding to 0."""
+
 PROGRESS_KEYS = {"reward_unguided": "r", "heldout_accuracy": "eval", "guided_fraction": "guided",
                  "prefix_p_mean": "p", "entropy_mean": "H"}
 
@@ -55,7 +59,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        row = {"step": step, **{k: (float(f"{v:.{SIGNIFICANT_DIGITS}g}") if isinstance(v, float) else v)
+                                for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -135,7 +135,8 @@ def build_run(cfg: TrapoConfig) -> Run:
     rollout = RolloutService(engine, scorer, layout, platform.host_group(), tokenizer=tokenizer, rollout=cfg.rollout,
                              schedule=cfg.micro_groups, dp_rank=policy.dp_rank, dp_size=policy.dp_size)
     return Run(cfg=cfg, hf_config=hf_config, tokenizer=tokenizer, policy=policy,
-               sampler=StepSampler(train, cfg.run.prompts_per_step, cfg.run.seed), rollout=rollout,
+               sampler=StepSampler(train, cfg.run.prompts_per_step, cfg.run.seed if cfg.data.order_seed is None
+                                   else cfg.data.order_seed, cfg.data.order), rollout=rollout,
                weights=WeightSync(policy, rollout, cfg.engine.weight_bucket_mb),
                offload=TrainingStateOffload(cfg.engine.offload_during_rollout, policy.chunks, policy.optimizer),
                heldout_examples=heldout)
