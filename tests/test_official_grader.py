@@ -11,8 +11,8 @@ from trapo_megatron.reward.official_grader import FALLBACK_CHECKS, boxed_content
 
 # (response, gold, the one check that accepts the last box's content)
 DECIDED_BY = [
-    # lone letters are MathQA unit words: "(c)" and "(a)" both normalise to "()"
-    ("The answer is \\boxed{(c)}.", "(a)", "mathd"),
+    # two boxes read as a set by the first pass; the last one's unit word goes in the MATH normalisation
+    ("First \\boxed{2}, corrected: \\boxed{3 \\text{ dollars}}", "\\$3", "mathd"),
     # a mixed number: 7 3/4 -> 7+3/4, whose difference with 31/4 simplifies to 0
     ("So $x = \\boxed{7 3/4}$.", "31/4", "sympy"),
     # two boxes read as a set by the first pass; the last one's 2/4 equals 1/2 for math-verify only (mathd

@@ -4,8 +4,8 @@ eval_scripts/oat_math_grader.py ``boxed_reward_fn(response, gold, fast=False)``,
 The fallback reads the content of the last ``\\boxed{...}`` of the WHOLE text (no tail cut) and accepts it
 when ANY of three checks passes:
 
-    mathd   the MATH-dataset normalisation (\\text{} unwrapped, fracs/sqrt fixed, ~300 MathQA unit words
-            removed, "k = " dropped...) gives equal strings                         (:37-350, :974-981)
+    mathd   the MATH-dataset normalisation (\\text{} unwrapped, fracs/sqrt fixed, unit words removed,
+            "k = " dropped...) gives equal strings                                     (:37-350, :974-981)
     sympy   the Hendrycks normalisation, then per tuple element a sympy difference that simplifies to 0
             (integers and unreduced fractions must match exactly)                 (:654-870, :934-971)
     verify  math-verify on the boxed content against the gold, each wrapped in $...$, no fallback
@@ -13,8 +13,9 @@ when ANY of three checks passes:
 
 Quirks kept on purpose, because they decide official scores: ``\\fbox`` is searched only when the text
 has no ``\\boxed``, and then the content is never read (the "\\boxed{" strip fails): a lone \\fbox scores 0;
-a gold holding ``\\boxed`` is reduced to its box first; lone letters are unit words, so "(c)" equals "(a)"
-under mathd. Differences: the official 1-second alarms inside the verify check are left to the caller's
+a gold holding ``\\boxed`` is reduced to its box first. Differences: the unit words are our own list of
+measurement words, not the official ~300 MathQA-derived ones (its data, not copied: there lone letters are unit
+words too, so "(c)" equals "(a)" under mathd, which ours does not reproduce); the official 1-second alarms inside the verify check are left to the caller's
 per-item timeout (SIGALRM is the pool worker's), and the sympy normalisation needs pylatexenc for LaTeX
 (without it a LaTeX answer stays as written, as when the official latex_to_text raises).
 """
@@ -26,11 +27,17 @@ import logging
 import re
 from itertools import zip_longest
 
-from trapo_megatron.reward.mathqa_units import MATHQA_UNITS
-
 _log = logging.getLogger(__name__)
 
-_UNITS = MATHQA_UNITS + tuple(u + "s" for u in MATHQA_UNITS)
+# Unit words the MATH normalisation strips, each also with an "s". Our own list of measurement words: the
+# official grader strips a longer MathQA-derived list (which also holds lone letters, so that there "(c)"
+# equals "(a)"); that list is the official grader's data and is not copied here, so an answer whose unit only
+# that list names can grade differently (docs/official.md).
+_UNIT_WORDS = ("degree", "deg", "mph", "kmph", "km", "cm", "mm", "ft", "foot", "feet", "inch", "yard", "mile",
+               "meter", "metre", "centimeter", "kilometer", "kg", "gm", "gram", "lb", "pound", "ounce", "liter",
+               "litre", "second", "minute", "hour", "day", "week", "month", "year", "dollar", "cent", "unit",
+               "sq m", "sq ft", "sq units", "square units", "square feet", "square meter")
+_UNITS = _UNIT_WORDS + tuple(u + "s" for u in _UNIT_WORDS)
 _HENDRYCKS_UNITS = ("degree", "cm", "centimeter", "meter", "mile", "second", "minute", "hour", "day", "week",
                     "month", "year", "foot", "feet", "inch", "yard")
 _TEXT_WRAPPED = re.compile(r"^\\text\{(?P<text>.+?)\}$")
