@@ -142,10 +142,11 @@ def test_pp2_tied_logits_and_stream(tmp_path):
 
 
 def test_buckets_respect_the_budget_and_stage_boundaries():
+    from trapo_megatron import model_spec
     from trapo_megatron.convert import mapping
     from trapo_megatron.convert.stream import _buckets, _Group
 
-    dims = mapping.ModelDims.from_hf_config(hf_config("qwen2", False).to_dict())
+    dims = model_spec.from_hf_config(hf_config("qwen2", False).to_dict())
     walk = list(mapping.walk(dims))
     half = dims.num_layers // 2  # PP=2 layout: stage 1 owns the second half of the layers and the output
     groups = [_Group(i, int(layer is not None and layer >= half or e.mcore.startswith(("decoder.final", "output"))),

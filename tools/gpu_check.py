@@ -150,10 +150,10 @@ def check_logits(hf_dir: Path, dtype: torch.dtype, num_tokens: int) -> dict[str,
 def check_train_step(hf_dir: Path, num_tokens: int, device: str) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
 
+    from trapo_megatron import model_spec
     from trapo_megatron.megatron import step
     from trapo_megatron.megatron.vocab_parallel import vocab_parallel_logprobs
     from trapo_megatron.plan.memory import Layout, PlanConfig, stage_memory
-    from trapo_megatron.plan.model import spec_from_hf_config
 
     dtype = "bfloat16" if device == "cuda" else "float32"  # megatron's bf16 modules need CUDA
     cfg, chunks = _megatron(hf_dir, dtype)
@@ -178,7 +178,7 @@ def check_train_step(hf_dir: Path, num_tokens: int, device: str) -> dict[str, An
     moved = sum(not torch.equal(before[n], p.detach().float()) for n, p in ddp[0].module.named_parameters())
     plan = PlanConfig(num_gpus=1, gpus_per_node=1, precision="bf16" if device == "cuda" else "fp32",
                       seq_length=num_tokens, colocate_vllm=False, transformer_impl="local")
-    planned = stage_memory(spec_from_hf_config(cfg.to_dict()), plan, Layout(tp=1, pp=1, dp=1), 0).train(False)
+    planned = stage_memory(model_spec.from_hf_config(cfg), plan, Layout(tp=1, pp=1, dp=1), 0).train(False)
     peak = _peak_mb()
     return {"ok": bool(applied) and torch.isfinite(torch.tensor(loss)).item() and moved == len(before),
             "dtype": dtype, "loss": loss, "grad_norm": grad_norm, "params_moved": moved, "params": len(before),

@@ -219,13 +219,14 @@ def _check_train(args: argparse.Namespace, recipe: Recipe, code_dir: str, cluste
 
 def _check_memory(args: argparse.Namespace, cfg: object, recipe: Recipe, nodes: int, gpus: int, tp: int,
                   pp: int) -> None:
+    from trapo_megatron import model_spec
     from trapo_megatron.plan.memory import GPUS
-    from trapo_megatron.plan.model import PRESETS, spec_from_hf_config
+    from trapo_megatron.plan.model import PRESETS
 
     if args.gpu not in GPUS:
         raise LaunchError(f"--gpu {args.gpu!r} is unknown; choose one of {sorted(GPUS)}")
     if (Path(cfg.model.hf_path) / "config.json").is_file():
-        spec = spec_from_hf_config(cfg.model.hf_path)
+        spec = model_spec.from_hf_config(cfg.model.hf_path)
     elif recipe.planner_model:
         spec = PRESETS[recipe.planner_model]
     else:

@@ -26,6 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from trapo_megatron import model_spec
 from trapo_megatron.megatron import features
 from trapo_megatron.plan.model import ModelSpec, padded_vocab, stage_params, total_params
 
@@ -201,7 +202,7 @@ def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -
     in_flight = min(pp - stage, cfg.num_microbatches or pp)
     sp = features.decide(cfg.transformer_impl, tp, cuda=True, te_error=None, grad_accum_kernel=True).sequence_parallel
     per_tok, input_tok = _activation_elems_per_token(spec, tp, sp)
-    layers = spec.num_layers // pp
+    layers = model_spec.pipeline_stages(spec.num_layers, pp)[stage]
     act = bytes_["activation"]
     activations = int(in_flight * layers * tokens * per_tok * act)
     recompute = int(in_flight * layers * tokens * input_tok * act + tokens * per_tok * act)
@@ -236,19 +237,19 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(spec: ModelSpec, cfg: PlanConfig) -> list[Layout]:
-    """Every TP x PP x DP = num_gpus that the model's shape allows (TP inside a node, divides the heads,
-    the KV groups, the FFN and the vocabulary; PP divides the layers)."""
+    """Every TP x PP x DP = num_gpus that the model's shape allows (TP inside a node; the builder's own
+    check, :func:`model_spec.check_parallel`, on the vocabulary as padded for TP)."""
     out = []
     for tp in _divisors(cfg.num_gpus):
         if tp > cfg.gpus_per_node:
             continue
-        if any(x % tp for x in (spec.num_attention_heads, spec.num_query_groups, spec.ffn_hidden_size)):
-            continue
-        if cfg.vocab_divisor == 1 and spec.vocab_size % tp:
-            continue
+        padded = dataclasses.replace(spec, vocab_size=padded_vocab(spec, tp, cfg.vocab_divisor))
         for pp in _divisors(cfg.num_gpus // tp):
-            if spec.num_layers % pp == 0:
-                out.append(Layout(tp=tp, pp=pp, dp=cfg.num_gpus // (tp * pp)))
+            try:  # uneven stages are asked for explicitly, never searched
+                model_spec.check_parallel(padded, tp, pp)
+            except ValueError:
+                continue
+            out.append(Layout(tp=tp, pp=pp, dp=cfg.num_gpus // (tp * pp)))
     return out
 
 
