@@ -63,7 +63,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def validate_hf_config(hf_config: Any, parallel: platform.ParallelConfig) -> model_spec.ModelSpec:
     """The model's spec; ValueError naming the HF field or the parallel knob when it cannot be built."""
     spec = model_spec.from_hf_config(hf_config)
-    model_spec.check_parallel(spec, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    model_spec.check_parallel(spec, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                              *parallel.pipeline_split)
     return spec
 
 
@@ -103,6 +104,8 @@ def transformer_config_from_hf(
     kwargs.update(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         params_dtype=torch_dtype,
         pipeline_dtype=torch_dtype,
         bf16=torch_dtype is torch.bfloat16,
