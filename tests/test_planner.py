@@ -81,12 +81,11 @@ def test_distributed_optimizer_divides_states_by_dp() -> None:
     assert sharded.weights == sharded.params * 2 and sharded.grads == sharded.params * 4
 
 
-def test_recompute_and_sleep_mode_lower_the_peak() -> None:
+def test_recompute_lowers_the_peak_and_the_engine_sleeps_while_training() -> None:
     spec, lay = PRESETS["qwen2.5-7b"], Layout(tp=1, pp=1, dp=8)
     m = stage_memory(spec, PlanConfig(seq_length=16384), lay, 0)
     assert m.activations_recompute < m.activations / 10
-    awake = stage_memory(spec, PlanConfig(seq_length=16384, sleep_mode=False), lay, 0)
-    assert awake.peak(False) == m.train(False) + m.vllm_weights + m.kv_cache > m.peak(False)
+    assert m.peak(False) == max(m.train(False), m.rollout) < m.train(False) + m.vllm_weights + m.kv_cache
 
 
 def test_kv_cache_bytes_per_token() -> None:
