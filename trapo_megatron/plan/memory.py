@@ -198,14 +198,24 @@ class Memory:
         return max(self.train(recompute), self.rollout)
 
 
-def _activation_elems_per_token(spec: ModelSpec, tp: int, sp: bool) -> tuple[float, float]:
-    """(one layer's saved activations, one layer's input) in elements per token on one TP rank."""
-    h, q, kv, f = spec.hidden_size, spec.q_size, spec.kv_size, spec.ffn_hidden_size
-    split = 2 * q + 2 * kv + 3 * f
-    norm_side = 4 * h
-    if sp or tp == 1:
-        return (norm_side + split) / tp, h / tp
-    return norm_side + split / tp, h
+def _activation_elems_per_token(spec: ModelSpec, tp: int, sp: bool, local: bool) -> tuple[float, float]:
+    """(one layer's saved activations, one layer's input) in elements per token on one TP rank.
+
+    ``local``: megatron's local spec (megatron-core 0.19.2, counted on the CPU): each unfused torch RMSNorm
+    keeps its input, its normalised output and 1/rms, and the next linear its own input (3h + 1, twice);
+    the unfused attention keeps Q and K, V expanded to every query head (3q) and the projection's input (q);
+    RoPE keeps cos and sin for Q and K (4 head_dim, on every TP rank); the SwiGLU keeps fc1's output (2f),
+    silu's output, the up half and fc2's input (3f); Qwen3's Q / K norms keep their inputs (K's a view that
+    holds the whole fused QKV output), outputs and 1/rms per head."""
+    h, q, kv, f, d = spec.hidden_size, spec.q_size, spec.kv_size, spec.ffn_hidden_size, spec.head_dim
+    if local:
+        norm_side, split, shared = 6 * h + 2, 4 * q + 5 * f, 4 * d
+        if spec.qk_layernorm:
+            split += 3 * (q + kv) + spec.num_attention_heads + spec.num_query_groups
+    else:
+        norm_side, split, shared = 4 * h, 2 * q + 2 * kv + 3 * f, 0
+    norm_tp = tp if sp or tp == 1 else 1
+    return norm_side / norm_tp + split / tp + shared, h / norm_tp
 
 
 def _attention_score_bytes(spec: ModelSpec, cfg: PlanConfig, tp: int, act: int) -> int:
@@ -228,7 +238,7 @@ def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -
     tokens = cfg.micro_batch_size * cfg.seq_length
     in_flight = min(pp - stage, cfg.num_microbatches or pp)
     feats = features.decide(cfg.transformer_impl, tp, cuda=True, te_error=None, grad_accum_kernel=True)
-    per_tok, input_tok = _activation_elems_per_token(spec, tp, feats.sequence_parallel)
+    per_tok, input_tok = _activation_elems_per_token(spec, tp, feats.sequence_parallel, not feats.transformer_engine)
     layers = model_spec.pipeline_stages(spec.num_layers, pp, *cfg.pipeline_split)[stage]
     act = bytes_["activation"]
     scores = 0 if feats.transformer_engine else _attention_score_bytes(spec, cfg, tp, act)
