@@ -147,9 +147,10 @@ def bench_stream(layers: int, bucket_sizes: list[int], repeats: int) -> dict:
 
 def _random_hf_checkpoint(directory: Path) -> int:
     """A Qwen2.5-1.5B-shaped bf16 checkpoint written tensor by tensor; returns its bytes."""
+    from trapo_megatron import model_spec
     from trapo_megatron.convert import hf_io, mapping
 
-    dims = mapping.ModelDims.from_hf_config(QWEN25_15B)
+    dims = model_spec.from_hf_config(QWEN25_15B)
     shapes = mapping.hf_shapes(dims)
     writer = hf_io.SafetensorsWriter(directory, [(n, s, torch.bfloat16) for n, s in shapes.items()])
     gen = torch.Generator().manual_seed(0)

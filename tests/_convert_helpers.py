@@ -11,15 +11,22 @@ import torch.distributed as dist
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 64, "rms_norm_eps": 1e-6}
 
-# (family, tied): Qwen2 has QKV bias; Llama has none.
-CASES = [("qwen2", False), ("qwen2", True), ("llama", False), ("llama", True)]
+# (family, tied): Qwen2 has QKV bias; Llama has none; Qwen3 has QK norms and head_dim != hidden / heads.
+CASES = [("qwen2", False), ("qwen2", True), ("llama", False), ("llama", True), ("qwen3", False), ("qwen3", True)]
+QWEN3 = {"head_dim": 24}
+"""Qwen3's explicit head_dim, unlike hidden_size / num_attention_heads = 16."""
+LLAMA3_ROPE = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}, "max_position_embeddings": 16384}
+"""Llama 3.1's RoPE scaling (the parameters megatron-core fixes; only the factor is free)."""
 
 
 def hf_config(family: str, tied: bool, **overrides):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[family]
-    return cls(**{**TINY, "tie_word_embeddings": tied, **overrides})
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}[family]
+    extra = QWEN3 if family == "qwen3" else {}
+    return cls(**{**TINY, **extra, "tie_word_embeddings": tied, **overrides})
 
 
 def hf_model(family: str, tied: bool, seed: int = 0, **overrides):

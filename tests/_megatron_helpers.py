@@ -17,10 +17,12 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "nu
 
 
 def tiny_hf_config(family: str, tied: bool = False, **overrides):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[family]
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}[family]
     kwargs = {**TINY, "tie_word_embeddings": tied, **overrides}
+    if family == "qwen3":
+        kwargs.setdefault("head_dim", 24)  # explicit, unlike hidden_size / heads = 16
     if family == "qwen2":
         kwargs.setdefault("rope_theta", 10000.0)
     else:

@@ -19,7 +19,8 @@ def _tensor_bytes(directory):
             for name in source.shapes()}
 
 
-@pytest.mark.parametrize("family,tied,dtype", [("qwen2", False, torch.float32), ("llama", True, torch.bfloat16)])
+@pytest.mark.parametrize("family,tied,dtype", [("qwen2", False, torch.float32), ("llama", True, torch.bfloat16),
+                                               ("qwen3", False, torch.float32)])
 def test_round_trip_is_byte_identical_and_loads(tmp_path, family, tied, dtype):
     from transformers import AutoModelForCausalLM
 

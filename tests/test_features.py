@@ -74,4 +74,4 @@ def test_the_planner_reads_the_same_sequence_parallel_decision():
     local = stage_memory(spec, PlanConfig(num_gpus=8, transformer_impl="local"), lay, 0)
     assert local.activations == te.activations  # both split norm / dropout activations over TP (SP on)
     with pytest.raises(ValueError, match="PlanConfig.transformer_impl"):
-        PlanConfig(transformer_impl="auto")
+        PlanConfig(transformer_impl="fast")

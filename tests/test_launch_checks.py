@@ -82,10 +82,13 @@ def test_signal_parsing() -> None:
 
 def test_memory_check_passes_the_recipes_layout_and_names_a_bad_one() -> None:
     from trapo_megatron.plan.model import PRESETS
+    from trapo_megatron.train_cli import load_config
 
+    files = ["examples/qwen2.5-math-7b_trapo.yaml", "examples/qwen2.5-32b_trapo.yaml"]
     spec = PRESETS["qwen2.5-32b"]
-    assert checks.check_memory(spec, "h100-80gb", 4, 8, 4, 4, 9216, "bf16") is None  # the recipe's layout
-    warning = checks.check_memory(spec, "h100-80gb", 1, 8, 8, 1, 9216, "bf16")
+    assert checks.check_memory(load_config(files, []), spec, "h100-80gb", 4, 8) is None  # the recipe's layout
+    bad = load_config(files, ["parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=1"])
+    warning = checks.check_memory(bad, spec, "h100-80gb", 1, 8)
     assert warning and "qwen2.5-32b at TP8 x PP1 x DP1" in warning
 
 

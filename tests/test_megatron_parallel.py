@@ -13,7 +13,9 @@ from trapo_megatron.testing import run_distributed
 
 pytestmark = pytest.mark.timeout(900)  # spawned Megatron worlds: slow on a loaded 2-core machine
 
-FAMILIES = (("qwen2", False), ("llama", True))  # Qwen2: QKV bias, untied; Llama: no bias, tied
+# Qwen2: QKV bias, untied; Llama: no bias, tied; Qwen3: QK norms, whose weight every TP rank holds whole while
+# it sees only its own heads (megatron sums their grads over TP: distributed/finalize_model_grads.py).
+FAMILIES = (("qwen2", False), ("llama", True), ("qwen3", False))
 
 
 def _sequences(seed: int, n: int, vocab: int) -> list[torch.Tensor]:
@@ -58,29 +60,32 @@ def _gather_logits(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def equivalence_worker(rank: int, world: int, tp: int, pp: int) -> dict:
-    """Per family: full logits and loss (last stage, TP rank 0) and full grads of this stage."""
-    from _megatron_helpers import fill_deterministic, full_grads, tiny_hf_config
+def _logits_loss_grads(hf, parallel, tied: bool) -> dict:
+    """One forward-backward of the builder's model: full logits and loss (last stage, TP rank 0), full grads
+    of this stage."""
+    from _megatron_helpers import fill_deterministic, full_grads
 
-    from trapo_megatron.megatron import model_builder, platform, step
+    from trapo_megatron.megatron import model_builder, step
+
+    chunks = step.wrap_ddp(model_builder.build_model(hf, parallel), use_distributed_optimizer=False)
+    fill_deterministic(chunks, tied)
+    stash: list = []
+    reported = step.forward_backward(chunks, _micro_batches(3, hf.vocab_size), _ce_loss(stash))
+    logits = [_gather_logits(x) for x in stash]
+    return {"sequence_parallel": chunks[0].config.sequence_parallel, "grads": full_grads(chunks),
+            "logits": logits if logits else None,
+            "loss": float(sum(r["loss"] for r in reported)) if reported else None}
+
+
+def equivalence_worker(rank: int, world: int, tp: int, pp: int) -> dict:
+    """Per family: :func:`_logits_loss_grads` at TP x PP."""
+    from _megatron_helpers import tiny_hf_config
+
+    from trapo_megatron.megatron import platform
 
     parallel = platform.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     platform.initialize(parallel, seed=7)
-    result = {}
-    for family, tied in FAMILIES:
-        hf = tiny_hf_config(family, tied=tied)
-        chunks = step.wrap_ddp(model_builder.build_model(hf, parallel), use_distributed_optimizer=False)
-        fill_deterministic(chunks, tied)
-        stash: list = []
-        reported = step.forward_backward(chunks, _micro_batches(3, hf.vocab_size), _ce_loss(stash))
-        grads = full_grads(chunks)
-        logits = [_gather_logits(x) for x in stash]
-        result[family] = {
-            "sequence_parallel": chunks[0].config.sequence_parallel,
-            "grads": grads,
-            "logits": logits if logits else None,
-            "loss": float(sum(r["loss"] for r in reported)) if reported else None,
-        }
+    result = {family: _logits_loss_grads(tiny_hf_config(family, tied=tied), parallel, tied) for family, tied in FAMILIES}
     platform.destroy()
     return result
 
@@ -124,6 +129,45 @@ def test_layout_matches_tp1(reference: dict, tp: int, pp: int) -> None:
         for name in ref_grads:
             assert ref_grads[name].abs().sum() > 0, f"{family}: zero reference grad for {name}"
             torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-5, msg=f"{family} {name}")
+
+
+# (layers, first-stage layers, last-stage layers) on PP2: megatron-core's uneven split
+UNEVEN = {"3-layers-last-1": (3, None, 1), "5-layers-first-1": (5, 1, None)}
+
+
+def uneven_worker(rank: int, world: int, pp: int) -> dict:
+    """Per uneven case: :func:`_logits_loss_grads` of a tied Llama at PP=``pp`` (1: the reference) and this
+    rank's layers."""
+    from _megatron_helpers import tiny_hf_config
+
+    from trapo_megatron.megatron import platform
+
+    result = {}
+    for name, (layers, first, last) in UNEVEN.items():
+        split = {"num_layers_in_first_pipeline_stage": first, "num_layers_in_last_pipeline_stage": last}
+        parallel = platform.ParallelConfig(pipeline_model_parallel_size=pp, **(split if pp > 1 else {}))
+        platform.initialize(parallel, seed=7)
+        result[name] = _logits_loss_grads(tiny_hf_config("llama", tied=True, num_hidden_layers=layers), parallel, True)
+        result[name]["layers"] = sorted({int(n.split(".")[2]) for n in result[name]["grads"] if ".layers." in n})
+    platform.destroy()
+    return result
+
+
+def test_uneven_pipeline_stages_match_pp1() -> None:
+    reference = run_distributed(uneven_worker, 1, 1)
+    results = run_distributed(uneven_worker, 2, 2)
+    assert [r["3-layers-last-1"]["layers"] for r in results] == [[0, 1], [2]]
+    assert [r["5-layers-first-1"]["layers"] for r in results] == [[0], [1, 2, 3, 4]]
+    for name in UNEVEN:
+        ref_logits, ref_loss, ref_grads = _merge(reference, name)
+        logits, loss, grads = _merge(results, name)
+        torch.testing.assert_close(grads.pop("output_layer.weight"), ref_grads["embedding.word_embeddings.weight"],
+                                   atol=1e-5, rtol=1e-5)
+        for a, b in zip(logits, ref_logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert abs(loss - ref_loss) < 1e-5 and grads.keys() == ref_grads.keys(), name
+        for key in ref_grads:
+            torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-5, rtol=1e-5, msg=f"{name} {key}")
 
 
 def dp_worker(rank: int, world: int, steps: int) -> list[float]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from trapo_megatron.model_spec import from_hf_config
 from trapo_megatron.plan.memory import optimizer_state_bytes, param_bytes_per_rank
-from trapo_megatron.plan.model import spec_from_hf_config
 from trapo_megatron.testing import run_distributed
 
 TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
@@ -58,7 +58,7 @@ def _count_bytes(rank: int, world: int, layouts: list[tuple[int, int, bool]]) ->
 def test_planner_bytes_equal_megatron_bytes() -> None:
     per_rank = run_distributed(_count_bytes, 2, LAYOUTS, timeout=220)
     for i, (tp, pp, tied) in enumerate(LAYOUTS):
-        spec = spec_from_hf_config({**TINY, "tie_word_embeddings": tied}, name="tiny")
+        spec = from_hf_config({**TINY, "tie_word_embeddings": tied}, name="tiny")
         ranks = [r[i] for r in per_rank]
         dp = 2 // (tp * pp)
         for r in ranks:

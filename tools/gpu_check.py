@@ -150,10 +150,10 @@ def check_logits(hf_dir: Path, dtype: torch.dtype, num_tokens: int) -> dict[str,
 def check_train_step(hf_dir: Path, num_tokens: int, device: str) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
 
+    from trapo_megatron import model_spec
     from trapo_megatron.megatron import step
     from trapo_megatron.megatron.vocab_parallel import vocab_parallel_logprobs
     from trapo_megatron.plan.memory import Layout, PlanConfig, stage_memory
-    from trapo_megatron.plan.model import spec_from_hf_config
 
     dtype = "bfloat16"  # on the CPU too: the smoke run meets the bf16 rounding a GPU run meets
     cfg, chunks = _megatron(hf_dir, dtype)
@@ -181,7 +181,7 @@ def check_train_step(hf_dir: Path, num_tokens: int, device: str) -> dict[str, An
     masters_moved = sum(not torch.equal(a, m.detach()) for a, m in zip(masters_before, masters, strict=True))
     plan = PlanConfig(num_gpus=1, gpus_per_node=1, precision="bf16",
                       seq_length=num_tokens, colocate_vllm=False, transformer_impl="local")
-    planned = stage_memory(spec_from_hf_config(cfg.to_dict()), plan, Layout(tp=1, pp=1, dp=1), 0).train(False)
+    planned = stage_memory(model_spec.from_hf_config(cfg), plan, Layout(tp=1, pp=1, dp=1), 0).train(False)
     peak = _peak_mb()
     # What an optimizer step changes is the fp32 master shards: a bf16 norm weight at 1.0 does not move by an
     # update of 1e-3 (bf16 has 8 bits of mantissa: 1.0 +- 1e-3 rounds back to 1.0), so the bf16 parameters are

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
+from trapo_megatron import model_spec
 from trapo_megatron.convert import formats, hf_io, mapping, mcore_io
 
 HF_SUBDIR = "hf"
 
 
-def _plan(dims: mapping.ModelDims, source: hf_io.HFSource) -> tuple[list, dict[str, mapping.Entry]]:
+def _plan(dims: model_spec.ModelSpec, source: hf_io.HFSource) -> tuple[list, dict[str, mapping.Entry]]:
     """Chunks (key, global shape, offsets, sizes, dtype) and key -> wildcard entry."""
     chunks, by_key = [], {}
     for entry in mapping.entries(dims, mapping.Spec.TE):
@@ -48,7 +49,7 @@ def convert_hf_to_mcore(
     ``progress(total_chunks)`` may return a per-chunk callback (the CLI passes a progress bar).
     """
     source = hf_io.HFSource(hf_dir)
-    dims = mapping.ModelDims.from_hf_config(source.config())
+    dims = model_spec.from_hf_config(source.config())
     mapping.check_hf_tensors(dims, source.shapes())
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:

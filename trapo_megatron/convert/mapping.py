@@ -2,8 +2,8 @@
 
 A mapping is a list of :class:`Entry`: one Megatron tensor, the Hugging Face tensors it is made of, how they
 combine (``formats.Format``) and how the result is split over TP (``distribution.Shard``). Names carry the
-layer wildcard ``*``. Qwen2 / Qwen2.5 and Llama 3 share every name; the families differ only in whether the
-QKV bias exists and in tied embeddings, both read from the HF config. The Transformer Engine layer spec fuses
+layer wildcard ``*``. Qwen2 / Qwen2.5, Qwen3 and Llama 3 share every name; the families differ only in whether
+the QKV bias and the QK norms exist and in tied embeddings, all read from the :class:`ModelSpec`. The Transformer Engine layer spec fuses
 the two norms into the following linear layer: that is a rename table (``SPEC_RENAMES``), not new entries.
 
 One generic walk, :func:`entries`, expands the table for a model; every converter and the live stream use it.
@@ -15,10 +15,10 @@ import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any
 
 from trapo_megatron.convert.distribution import Shard
 from trapo_megatron.convert.formats import Format
+from trapo_megatron.model_spec import LM_HEAD, ModelSpec
 
 LAYER = "*"
 
@@ -57,9 +57,12 @@ BASE: tuple[Entry, ...] = (
     Entry(f"{_MLP}.linear_fc2.weight", (f"{_HF}.mlp.down_proj.weight",), shard=Shard.ROW),
     Entry("decoder.final_layernorm.weight", ("model.norm.weight",)),
 )
+QK_NORMS = (Entry(f"{_ATTN}.q_layernorm.weight", (f"{_HF}.self_attn.q_norm.weight",)),
+            Entry(f"{_ATTN}.k_layernorm.weight", (f"{_HF}.self_attn.k_norm.weight",)))
+"""Qwen3's per-head query / key RMSNorm (one head_dim vector, the same on every TP rank)."""
 QKV_BIAS = Entry(f"{_ATTN}.linear_qkv.bias", tuple(f"{_HF}.self_attn.{p}_proj.bias" for p in "qkv"),
                  Format.QKV, Shard.COLUMN)
-OUTPUT = Entry("output_layer.weight", ("lm_head.weight",), shard=Shard.VOCAB)
+OUTPUT = Entry("output_layer.weight", (LM_HEAD,), shard=Shard.VOCAB)
 
 
 class Spec(StrEnum):
@@ -77,63 +80,11 @@ SPEC_RENAMES: dict[Spec, dict[str, str]] = {
     },
 }
 
-# HF model_type -> QKV bias (None: read config.attention_bias). Everything else is shared.
-FAMILIES: dict[str, bool | None] = {"qwen2": True, "llama": None}
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelDims:
-    """What the mapping needs to know about a model, read from its Hugging Face config.json."""
-
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    head_dim: int
-    ffn_hidden_size: int
-    vocab_size: int
-    tied_embeddings: bool
-    qkv_bias: bool
-
-    @classmethod
-    def from_hf_config(cls, cfg: Mapping[str, Any] | Any) -> ModelDims:
-        """From a config.json dict or a transformers PretrainedConfig; ValueError names the bad field."""
-        get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
-        model_type = get("model_type")
-        if model_type not in FAMILIES:
-            raise ValueError(f"config.model_type={model_type!r} is not supported; supported: {sorted(FAMILIES)}")
-        if get("mlp_bias", False):
-            raise ValueError("config.mlp_bias=True is not supported (no MLP biases in the mapping)")
-        for field in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
-            if not isinstance(get(field), int) or get(field) <= 0:
-                raise ValueError(f"config.{field}={get(field)!r} must be a positive integer")
-        heads = get("num_attention_heads")
-        groups = get("num_key_value_heads") or heads
-        if heads % groups:
-            raise ValueError(f"config.num_key_value_heads={groups} must divide num_attention_heads={heads}")
-        bias = FAMILIES[model_type]
-        return cls(
-            model_type=model_type,
-            num_layers=get("num_hidden_layers"),
-            hidden_size=get("hidden_size"),
-            num_attention_heads=heads,
-            num_query_groups=groups,
-            head_dim=get("head_dim") or get("hidden_size") // heads,
-            ffn_hidden_size=get("intermediate_size"),
-            vocab_size=get("vocab_size"),
-            tied_embeddings=bool(get("tie_word_embeddings", False)),
-            qkv_bias=bool(get("attention_bias", False)) if bias is None else bias,
-        )
-
-    @property
-    def heads(self) -> tuple[int, int]:
-        return self.num_attention_heads, self.num_query_groups
-
-
-def entries(dims: ModelDims, spec: Spec = Spec.LOCAL) -> list[Entry]:
+def entries(dims: ModelSpec, spec: Spec = Spec.LOCAL) -> list[Entry]:
     """The model's mapping table (wildcards kept), in checkpoint order, with the spec's Megatron names."""
     table = list(BASE)
+    if dims.qk_layernorm:
+        table[4:4] = QK_NORMS
     if dims.qkv_bias:
         table.insert(3, QKV_BIAS)
     if not dims.tied_embeddings:
@@ -142,7 +93,7 @@ def entries(dims: ModelDims, spec: Spec = Spec.LOCAL) -> list[Entry]:
     return [replace(e, mcore=renames.get(e.mcore, e.mcore)) for e in table]
 
 
-def walk(dims: ModelDims, spec: Spec = Spec.LOCAL) -> Iterator[tuple[Entry, int | None]]:
+def walk(dims: ModelSpec, spec: Spec = Spec.LOCAL) -> Iterator[tuple[Entry, int | None]]:
     """(wildcard entry, layer or None) in HF order: embedding, each layer's entries, final norm, output."""
     table = entries(dims, spec)
     head = [e for e in table if not e.per_layer and not e.mcore.startswith(("decoder.final", "output"))]
@@ -152,13 +103,13 @@ def walk(dims: ModelDims, spec: Spec = Spec.LOCAL) -> Iterator[tuple[Entry, int 
     yield from ((e, None) for e in tail)
 
 
-def expanded(dims: ModelDims, spec: Spec = Spec.LOCAL) -> list[Entry]:
+def expanded(dims: ModelSpec, spec: Spec = Spec.LOCAL) -> list[Entry]:
     """Every concrete entry, in :func:`walk` order."""
     return [e if layer is None else e.at_layer(layer) for e, layer in walk(dims, spec)]
 
 
 @functools.lru_cache(maxsize=8)
-def hf_shapes(dims: ModelDims) -> dict[str, tuple[int, ...]]:
+def hf_shapes(dims: ModelSpec) -> dict[str, tuple[int, ...]]:
     """The HF tensor names and shapes a checkpoint with this config must hold (used to validate inputs)."""
     h, d = dims.hidden_size, dims.head_dim
     q, kv = dims.num_attention_heads * d, dims.num_query_groups * d
@@ -173,21 +124,22 @@ def hf_shapes(dims: ModelDims) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj.weight": (dims.ffn_hidden_size, h),
         "mlp.down_proj.weight": (h, dims.ffn_hidden_size),
     }
+    if dims.qk_layernorm:
+        per_layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
     if dims.qkv_bias:
         per_layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
     shapes = {"model.embed_tokens.weight": (dims.vocab_size, h), "model.norm.weight": (h,)}
     if not dims.tied_embeddings:
-        shapes["lm_head.weight"] = (dims.vocab_size, h)
+        shapes[LM_HEAD] = (dims.vocab_size, h)
     for i in range(dims.num_layers):
         shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
     return shapes
 
 
-def check_hf_tensors(dims: ModelDims, found: Mapping[str, tuple[int, ...]]) -> None:
+def check_hf_tensors(dims: ModelSpec, found: Mapping[str, tuple[int, ...]]) -> None:
     """ValueError listing missing, unexpected and mis-shaped tensors, before anything is written."""
     want = hf_shapes(dims)
-    if dims.tied_embeddings:
-        found = {k: v for k, v in found.items() if k != "lm_head.weight"}  # some writers keep the tied copy
+    found = {k: v for k, v in found.items() if not dims.is_tied_head(k)}  # some writers keep the tied copy
     missing = sorted(set(want) - set(found))
     extra = sorted(set(found) - set(want))
     wrong = sorted(f"{k}: checkpoint {tuple(found[k])} vs config {want[k]}" for k in set(want) & set(found)
@@ -203,7 +155,7 @@ def check_hf_tensors(dims: ModelDims, found: Mapping[str, tuple[int, ...]]) -> N
         )
 
 
-def mcore_shape(entry: Entry, dims: ModelDims) -> tuple[int, ...]:
+def mcore_shape(entry: Entry, dims: ModelSpec) -> tuple[int, ...]:
     """The TP=1 Megatron shape of one layer's tensor of ``entry`` (vocab unpadded)."""
     shapes = hf_shapes(dims)
     entry = entry.at_layer(0) if entry.per_layer else entry

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from trapo_megatron import model_spec
 from trapo_megatron.convert import formats, hf_io, mapping, mcore_io
 from trapo_megatron.convert.distribution import Shard
 from trapo_megatron.convert.hf_to_mcore import HF_SUBDIR
 
 
-def _check(dims: mapping.ModelDims, ckpt: mcore_io.McoreCheckpoint) -> None:
+def _check(dims: model_spec.ModelSpec, ckpt: mcore_io.McoreCheckpoint) -> None:
     problems = []
     for entry in mapping.entries(dims, mapping.Spec.TE):
         key = mcore_io.checkpoint_key(entry.mcore)
@@ -43,7 +44,7 @@ def _check(dims: mapping.ModelDims, ckpt: mcore_io.McoreCheckpoint) -> None:
         )
 
 
-def iter_checkpoint_hf(ckpt: mcore_io.McoreCheckpoint, dims: mapping.ModelDims) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint_hf(ckpt: mcore_io.McoreCheckpoint, dims: model_spec.ModelSpec) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor) for every HF tensor, reading one entry group (one layer of one key) at a time."""
     for entry, layer in mapping.walk(dims, mapping.Spec.TE):
         key = mcore_io.checkpoint_key(entry.mcore)
@@ -72,7 +73,7 @@ def convert_mcore_to_hf(
     config_dir = Path(hf_config_dir) if hf_config_dir else Path(mcore_dir) / HF_SUBDIR
     if not (config_dir / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {config_dir}: pass the HF config directory explicitly")
-    dims = mapping.ModelDims.from_hf_config(json.loads((config_dir / "config.json").read_text()))
+    dims = model_spec.from_hf_config(json.loads((config_dir / "config.json").read_text()))
     _check(dims, ckpt)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:

@@ -9,18 +9,18 @@ arguments; nothing reads Megatron's global parallel state.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from trapo_megatron import model_spec
 from trapo_megatron.convert import formats, hf_io, mapping
 from trapo_megatron.convert.distribution import Shard, local_shape, shard_for_rank
+from trapo_megatron.model_spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -49,16 +49,7 @@ def detect_spec(names: Iterable[str]) -> mapping.Spec:
     return mapping.Spec.TE if any(n.endswith("layer_norm_weight") for n in names) else mapping.Spec.LOCAL
 
 
-def as_dims(hf_config: Mapping[str, Any] | Any | str | os.PathLike) -> mapping.ModelDims:
-    """ModelDims from a config dict / PretrainedConfig / directory holding config.json."""
-    if isinstance(hf_config, mapping.ModelDims):
-        return hf_config
-    if isinstance(hf_config, (str, os.PathLike)):
-        hf_config = json.loads((Path(hf_config) / "config.json").read_text())
-    return mapping.ModelDims.from_hf_config(hf_config)
-
-
-def local_params(model_chunks: list[Any], dims: mapping.ModelDims) -> list[LocalParam]:
+def local_params(model_chunks: list[Any], dims: ModelSpec) -> list[LocalParam]:
     """This rank's parameters, each with its mapping entry; ValueError for a parameter the mapping lacks."""
     found: list[LocalParam] = []
     for chunk in model_chunks:
@@ -107,7 +98,7 @@ def load_hf_into_model(
     source = hf_io.HFSource(hf)
     if hf_config is None:
         hf_config = source.config()
-    dims = as_dims(hf_config)
+    dims = model_spec.from_hf_config(hf_config)
     mapping.check_hf_tensors(dims, source.shapes())
     tp_rank, tp_size = _group_info(tp_group)
     params = local_params(model_chunks, dims)

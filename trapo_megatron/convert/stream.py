@@ -30,9 +30,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trapo_megatron import model_spec
 from trapo_megatron.convert import formats, mapping
 from trapo_megatron.convert.distribution import Shard, merge_gathered
-from trapo_megatron.convert.model_io import LocalParam, as_dims, detect_spec, local_params
+from trapo_megatron.convert.model_io import LocalParam, detect_spec, local_params
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 
@@ -109,11 +110,11 @@ def iter_hf_buckets(
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield lists of (hf_name, full tensor) covering the whole model once, on every rank of the model.
 
-    ``hf_config``: config dict / PretrainedConfig / HF directory / ModelDims. ``tp_group`` / ``pp_group``:
+    ``hf_config``: config dict / PretrainedConfig / HF directory / ModelSpec. ``tp_group`` / ``pp_group``:
     the model's tensor- and pipeline-parallel groups (None: size 1). ``dtype``: cast on the way out (e.g.
     the engine's bf16). Collective: every rank of the TP and PP groups must iterate to the end.
     """
-    dims = as_dims(hf_config)
+    dims = model_spec.from_hf_config(hf_config)
     params = local_params(model_chunks, dims)
     walk = list(mapping.walk(dims, detect_spec(p.entry.mcore for p in params)))
     position = {(e.mcore, layer): i for i, (e, layer) in enumerate(walk)}

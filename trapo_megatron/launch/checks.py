@@ -115,23 +115,27 @@ def check_layout(nodes: int, ranks_per_node: int, tp: int, pp: int, prompts_per_
     return dp
 
 
-def check_memory(spec: Any, gpu: str, nodes: int, gpus_per_node: int, tp: int, pp: int, seq_length: int,
-                 precision: str) -> str | None:
-    """The planner's verdict on this layout: None when it fits with headroom, else a one-line warning."""
-    from trapo_megatron.plan.memory import GIB, Layout, PlanConfig, evaluate
+def check_memory(cfg: Any, spec: Any, gpu: str, nodes: int, gpus_per_node: int) -> str | None:
+    """The planner's verdict on the run ``cfg`` configures (plan/run.py, the same translation as `trapo plan
+    --config`): None when it fits with headroom, else a one-line warning."""
+    from trapo_megatron.plan.memory import GIB
+    from trapo_megatron.plan.run import plan_run
 
-    world = nodes * gpus_per_node
-    cfg = PlanConfig(gpu=gpu, num_gpus=world, gpus_per_node=gpus_per_node, seq_length=seq_length,
-                     precision=precision)
-    layout = Layout(tp=tp, pp=pp, dp=world // (tp * pp))
-    fit = evaluate(spec, cfg, layout)
-    if fit is None:
-        return (f"{spec.name} at {layout} does not fit a {gpu} even with full recompute at {seq_length} tokens "
-                f"(see `trapo plan --model ... --num-gpus {world}`)")
-    if fit.recompute or fit.tight:
-        why = "needs full recompute" if fit.recompute else f"leaves {fit.headroom:.0%} headroom"
-        peak = fit.memory.peak(fit.recompute) / GIB
-        return f"{spec.name} at {layout} {why} on a {gpu} ({peak:.1f} GiB of {fit.capacity / GIB:.1f})"
+    try:
+        run = plan_run(cfg, spec, nodes * gpus_per_node, gpus_per_node, gpu)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    where = f"{spec.name} at {run.layout}"
+    if run.fit is None:
+        recompute = "" if cfg.model.recompute_activations else " (model.recompute_activations is off)"
+        peak = run.memory.peak(cfg.model.recompute_activations) / GIB
+        return (f"{where} does not fit a {gpu} as configured{recompute}: {peak:.1f} GiB of "
+                f"{run.config.capacity_bytes / GIB:.1f} at {cfg.run.max_tokens_per_micro_batch} tokens per "
+                f"micro-batch (see `trapo plan --config ... --gpus {nodes * gpus_per_node}`)")
+    if run.fit.tight:
+        peak = run.fit.memory.peak(run.fit.recompute) / GIB
+        return (f"{where} leaves {run.fit.headroom:.0%} headroom on a {gpu} ({peak:.1f} GiB of "
+                f"{run.fit.capacity / GIB:.1f})")
     return None
 
 

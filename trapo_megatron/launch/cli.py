@@ -205,7 +205,7 @@ def _check_train(args: argparse.Namespace, recipe: Recipe, code_dir: str, cluste
         per_node = gpus or recipe.nproc_per_node
     checks.check_layout(nodes, per_node, tp, pp, cfg.run.prompts_per_step)
     if gpus:
-        _check_memory(args, cfg, recipe, nodes, gpus, tp, pp)
+        _check_memory(args, cfg, recipe, nodes, gpus)
     if container:
         roots = [code_dir, *([PACKAGED_CODE_DIR] if cluster.package_code else [])]
         values = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in PATH_KEYS}
@@ -217,24 +217,21 @@ def _check_train(args: argparse.Namespace, recipe: Recipe, code_dir: str, cluste
     return paths, recipe
 
 
-def _check_memory(args: argparse.Namespace, cfg: object, recipe: Recipe, nodes: int, gpus: int, tp: int,
-                  pp: int) -> None:
+def _check_memory(args: argparse.Namespace, cfg: object, recipe: Recipe, nodes: int, gpus: int) -> None:
     from trapo_megatron.plan.memory import GPUS
-    from trapo_megatron.plan.model import PRESETS, spec_from_hf_config
+    from trapo_megatron.plan.run import model_of
 
     if args.gpu not in GPUS:
         raise LaunchError(f"--gpu {args.gpu!r} is unknown; choose one of {sorted(GPUS)}")
-    if (Path(cfg.model.hf_path) / "config.json").is_file():
-        spec = spec_from_hf_config(cfg.model.hf_path)
-    elif recipe.planner_model:
-        spec = PRESETS[recipe.planner_model]
-    else:
+    try:
+        spec = model_of(cfg, recipe.planner_model)
+    except ValueError as e:
+        raise LaunchError(f"model.hf_path={cfg.model.hf_path}: {e}") from None
+    if spec is None:
         print(f"trapo launch: warning: memory not checked: {cfg.model.hf_path}/config.json is not readable here",
               file=sys.stderr)
         return
-    seq = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
-    warning = checks.check_memory(spec, args.gpu, nodes, gpus, tp, pp, seq,
-                                  "bf16" if cfg.model.dtype == "bfloat16" else "fp32")
+    warning = checks.check_memory(cfg, spec, args.gpu, nodes, gpus)
     if warning and args.strict:
         raise LaunchError(f"{warning} (--strict)")
     if warning:

@@ -1,9 +1,9 @@
-"""Hugging Face config (Qwen2 / Qwen2.5, Llama 3) -> megatron-core GPTModel.
+"""Hugging Face config (Qwen2 / Qwen2.5, Qwen3, Llama 3) -> megatron-core GPTModel.
 
-The translation is a table of (Megatron field, how to read it from the HF config); family differences
-(QKV bias) are a second small table. Which layer spec (Transformer Engine or megatron's local one), which
-fusions and whether sequence parallelism runs is one decision (``features``, ``model.transformer_impl``).
-Unsupported configs fail with a ValueError naming the HF field.
+The config is read once into a :class:`model_spec.ModelSpec` (families, defaults and refusals live there);
+the translation is a table of (Megatron field, how to read it from the spec). Which layer spec (Transformer
+Engine or megatron's local one), which fusions and whether sequence parallelism runs is one decision
+(``features``, ``model.transformer_impl``).
 """
 
 from __future__ import annotations
@@ -15,47 +15,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from trapo_megatron import model_spec
 from trapo_megatron.megatron import features, norms, platform
 
-# HF model_type -> whether its attention projections carry a bias (None: read config.attention_bias).
-QKV_BIAS_BY_FAMILY: dict[str, bool | None] = {"qwen2": True, "llama": None}
-
-
-def _rope(cfg: Any) -> dict:
-    """transformers 5.x keeps rope settings in ``rope_parameters``; 4.x in rope_theta / rope_scaling."""
-    params = dict(getattr(cfg, "rope_parameters", None) or {})
-    if "rope_theta" not in params and getattr(cfg, "rope_theta", None) is not None:
-        params["rope_theta"] = cfg.rope_theta
-    scaling = getattr(cfg, "rope_scaling", None)
-    if scaling and "rope_type" not in params:
-        params.update(scaling)
-    params.setdefault("rope_type", params.pop("type", "default"))
-    return params
-
-
-def _head_dim(cfg: Any) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-# Megatron TransformerConfig field -> reader of the HF config.
-HF_TO_TRANSFORMER_CONFIG: dict[str, Callable[[Any], Any]] = {
-    "num_layers": lambda c: c.num_hidden_layers,
-    "hidden_size": lambda c: c.hidden_size,
-    "ffn_hidden_size": lambda c: c.intermediate_size,
-    "num_attention_heads": lambda c: c.num_attention_heads,
-    "num_query_groups": lambda c: getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-    "kv_channels": _head_dim,
-    "layernorm_epsilon": lambda c: c.rms_norm_eps,
-    "init_method_std": lambda c: getattr(c, "initializer_range", 0.02),
-    "attention_dropout": lambda c: float(getattr(c, "attention_dropout", 0.0) or 0.0),
-    "add_qkv_bias": lambda c: _qkv_bias(c),
+# Megatron TransformerConfig field -> reader of the model spec.
+SPEC_TO_TRANSFORMER_CONFIG: dict[str, Callable[[model_spec.ModelSpec], Any]] = {
+    "num_layers": lambda m: m.num_layers,
+    "hidden_size": lambda m: m.hidden_size,
+    "ffn_hidden_size": lambda m: m.ffn_hidden_size,
+    "num_attention_heads": lambda m: m.num_attention_heads,
+    "num_query_groups": lambda m: m.num_query_groups,
+    "kv_channels": lambda m: m.head_dim,
+    "layernorm_epsilon": lambda m: m.norm_eps,
+    "init_method_std": lambda m: m.init_std,
+    "attention_dropout": lambda m: m.attention_dropout,
+    "add_qkv_bias": lambda m: m.qkv_bias,
+    "qk_layernorm": lambda m: m.qk_layernorm,
+    "activation_func": lambda m: ACTIVATIONS[m.activation],
 }
 
-# Fixed by the families we support (checked against the HF config in validate_hf_config).
+ACTIVATIONS: dict[str, Callable[..., Any]] = {"silu": F.silu}
+"""model_spec.ACTIVATIONS -> the torch function (gated: SwiGLU)."""
+
+# Fixed by the families we support (model_spec refuses configs that differ).
 FIXED_TRANSFORMER_CONFIG: dict[str, Any] = {
     "normalization": "RMSNorm",
     "gated_linear_unit": True,
-    "activation_func": F.silu,
     "add_bias_linear": False,
     "hidden_dropout": 0.0,
     "persist_layer_norm": False,
@@ -75,50 +60,12 @@ def features_kwargs(feats: features.Features) -> dict[str, Any]:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _qkv_bias(cfg: Any) -> bool:
-    family = QKV_BIAS_BY_FAMILY[cfg.model_type]
-    return bool(getattr(cfg, "attention_bias", False)) if family is None else family
-
-
-def validate_hf_config(cfg: Any, parallel: platform.ParallelConfig) -> None:
-    def bad(field: str, why: str) -> ValueError:
-        return ValueError(f"unsupported Hugging Face config: {field}={getattr(cfg, field, None)!r}: {why}")
-
-    if getattr(cfg, "model_type", None) not in QKV_BIAS_BY_FAMILY:
-        raise bad("model_type", f"supported families are {sorted(QKV_BIAS_BY_FAMILY)}")
-    for field in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
-        value = getattr(cfg, field, None)
-        if not isinstance(value, int) or value <= 0:
-            raise bad(field, "must be a positive integer")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise bad("hidden_act", "only SwiGLU (silu) MLPs are supported")
-    if getattr(cfg, "mlp_bias", False):
-        raise bad("mlp_bias", "MLP biases are not supported")
-    if getattr(cfg, "use_sliding_window", False):
-        raise bad("use_sliding_window", "sliding-window attention is not supported")
-    rope = _rope(cfg)
-    if rope["rope_type"] not in ("default", "llama3"):
-        raise bad("rope_scaling", f"rope_type {rope['rope_type']!r} is not supported (default, llama3)")
-    if rope["rope_type"] == "llama3":
-        expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        for key, want in expected.items():
-            if float(rope.get(key, want)) != want:
-                raise bad("rope_scaling", f"llama3 {key} must be {want} (megatron-core's fixed value)")
-    heads, groups = cfg.num_attention_heads, HF_TO_TRANSFORMER_CONFIG["num_query_groups"](cfg)
-    if heads % groups:
-        raise bad("num_key_value_heads", f"must divide num_attention_heads={heads}")
-    tp = parallel.tensor_model_parallel_size
-    for field, value in (("num_attention_heads", heads), ("num_key_value_heads", groups),
-                         ("vocab_size", cfg.vocab_size), ("intermediate_size", cfg.intermediate_size)):
-        if value % tp:
-            raise ValueError(
-                f"parallel.tensor_model_parallel_size={tp} does not divide the model's {field}={value}"
-            )
-    if cfg.num_hidden_layers % parallel.pipeline_model_parallel_size:
-        raise ValueError(
-            f"parallel.pipeline_model_parallel_size={parallel.pipeline_model_parallel_size} does not divide "
-            f"the model's num_hidden_layers={cfg.num_hidden_layers}"
-        )
+def validate_hf_config(hf_config: Any, parallel: platform.ParallelConfig) -> model_spec.ModelSpec:
+    """The model's spec; ValueError naming the HF field or the parallel knob when it cannot be built."""
+    spec = model_spec.from_hf_config(hf_config)
+    model_spec.check_parallel(spec, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                              *parallel.pipeline_split)
+    return spec
 
 
 @dataclass(kw_only=True)
@@ -150,13 +97,15 @@ def transformer_config_from_hf(
     implementation decision; None: this machine's ``auto``)."""
     from megatron.core.transformer import TransformerConfig
 
-    validate_hf_config(hf_config, parallel)
+    spec = validate_hf_config(hf_config, parallel)
     torch_dtype = DTYPES[dtype]
-    kwargs = {name: read(hf_config) for name, read in HF_TO_TRANSFORMER_CONFIG.items()}
+    kwargs = {name: read(spec) for name, read in SPEC_TO_TRANSFORMER_CONFIG.items()}
     kwargs.update(FIXED_TRANSFORMER_CONFIG)
     kwargs.update(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         params_dtype=torch_dtype,
         pipeline_dtype=torch_dtype,
         bf16=torch_dtype is torch.bfloat16,
@@ -173,9 +122,11 @@ def transformer_config_from_hf(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(feats: features.Features, config: Any) -> Any:
+def layer_spec(feats: features.Features, config: Any, qk_layernorm: bool = False) -> Any:
     """The TE layer spec, or megatron-core's local one with its norms made sequence-parallel capable
-    (megatron/norms.py) and the block's final norm likewise (as the block would build this stage's layers)."""
+    (megatron/norms.py) and the block's final norm likewise (as the block would build this stage's layers).
+    ``qk_layernorm``: Qwen3's per-head RMSNorm on queries and keys (``self_attention.q_layernorm`` /
+    ``k_layernorm``; their grads are summed over TP by name in finalize_model_grads)."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -183,8 +134,9 @@ def layer_spec(feats: features.Features, config: Any) -> Any:
     )
 
     if feats.transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    layer = norms.replace_local_norms(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    layer = norms.replace_local_norms(
+        gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm))
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
                                       layer_norm=norms.SequenceParallelRMSNorm)
 
@@ -210,21 +162,21 @@ def build_model(
 
     feats = features.detect(transformer_impl, parallel.tensor_model_parallel_size)
     config = transformer_config_from_hf(hf_config, parallel, dtype, recompute, feats)
-    rope = _rope(hf_config)
+    spec = model_spec.from_hf_config(hf_config)
     with platform.cuda_literals_on_cpu():  # tied embeddings on the last PP stage call .cuda()
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(feats, config),
-            vocab_size=hf_config.vocab_size,
-            max_sequence_length=hf_config.max_position_embeddings,
+            transformer_layer_spec=layer_spec(feats, config, spec.qk_layernorm),
+            vocab_size=spec.vocab_size,
+            max_sequence_length=spec.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
             parallel_output=True,
-            share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            share_embeddings_and_output_weights=spec.tied_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(rope.get("rope_theta", 10000)),
-            rope_scaling=rope["rope_type"] == "llama3",
-            rope_scaling_factor=float(rope.get("factor", 8.0)),
+            rotary_base=int(spec.rope.theta),
+            rope_scaling=spec.rope.scaling == "llama3",
+            rope_scaling_factor=spec.rope.factor,
         )
     model.trapo_features = feats
     return [model.to(platform.device())]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from trapo_megatron.megatron import platform
-from trapo_megatron.plan.memory import OffloadMode  # one list of choices for the trainer and the planner
+from trapo_megatron.offload_modes import OffloadMode
 
 
 def _storage_key(t: torch.Tensor) -> int:

@@ -51,6 +51,16 @@ class ParallelConfig:
     """TP: ranks that split each weight matrix (and the vocabulary of the logits)."""
     pipeline_model_parallel_size: int = 1
     """PP: ranks that split the stack of transformer layers into stages."""
+    num_layers_in_first_pipeline_stage: int | None = None
+    """Layers on the first stage (None: an even split); megatron-core splits the rest evenly over the others.
+    The first stage also holds the embedding, so it is the one to give fewer layers."""
+    num_layers_in_last_pipeline_stage: int | None = None
+    """Layers on the last stage (None: an even split); the last stage also holds the logits."""
+
+    @property
+    def pipeline_split(self) -> tuple[int | None, int | None]:
+        """(first, last) stage layer counts, as model_spec.pipeline_stages takes them."""
+        return self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):

@@ -11,27 +11,37 @@ import json
 import sys
 from dataclasses import asdict
 
+from trapo_megatron.offload_modes import OFFLOAD_MODES
 from trapo_megatron.plan.memory import (
     GIB,
     GPUS,
-    OFFLOAD_MODES,
     PRECISIONS,
     Fit,
     Memory,
     PlanConfig,
     all_layouts,
     plan,
+    stage_memory,
 )
 from trapo_megatron.plan.model import PRESETS, ModelSpec, resolve_model, total_params
+from trapo_megatron.plan.run import RunPlan, model_of, plan_run
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `trapo plan`."""
     d = PlanConfig()
-    parser.add_argument("--model", required=True,
-                        help=f"preset ({', '.join(PRESETS)}) or a Hugging Face config.json / model folder")
+    parser.add_argument("--model", default=None,
+                        help=f"preset ({', '.join(PRESETS)}) or a Hugging Face config.json / model folder; with "
+                             "--config: the model when model.hf_path is not readable here")
+    parser.add_argument("--config", action="append", default=None,
+                        help="plan the run this training YAML configures (repeatable, later files win), at its "
+                             "own layout, micro-batch tokens, recompute, dtype, engine TP, vLLM memory and offload")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of --config, e.g. parallel.pipeline_model_"
+                        "parallel_size=2")
     parser.add_argument("--gpu", default=d.gpu, choices=sorted(GPUS), help="GPU type (default %(default)s)")
-    parser.add_argument("--num-gpus", type=int, default=d.num_gpus,
+    parser.add_argument("--gpu-memory", type=float, default=None,
+                        help="GiB per GPU (nvidia-smi's total) instead of the --gpu type's")
+    parser.add_argument("--gpus", "--num-gpus", dest="num_gpus", type=int, default=d.num_gpus,
                         help="GPUs in the job (default %(default)s)")
     parser.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node,
                         help="GPUs per node; TP stays inside one (default %(default)s)")
@@ -47,7 +57,6 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rollout-len", type=int, default=None,
                         help="tokens per rollout sequence in the KV cache (default: --seq-length)")
     parser.add_argument("--no-vllm", action="store_true", help="no colocated vLLM engine")
-    parser.add_argument("--no-sleep-mode", action="store_true", help="vLLM keeps its memory while training")
     parser.add_argument("--offload", default=d.offload_during_rollout, choices=OFFLOAD_MODES,
                         help="training state in host memory while vLLM runs, as engine.offload_during_rollout "
                              "(default %(default)s)")
@@ -61,10 +70,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PlanConfig:
     return PlanConfig(
-        gpu=args.gpu, num_gpus=args.num_gpus, gpus_per_node=min(args.gpus_per_node, args.num_gpus),
+        gpu=args.gpu, gpu_memory_gib=args.gpu_memory, num_gpus=args.num_gpus, gpus_per_node=min(args.gpus_per_node, args.num_gpus),
         precision=args.precision, micro_batch_size=args.micro_batch, seq_length=args.seq_length,
         rollout_tp=args.rollout_tp, rollout_seqs=args.rollout_seqs, rollout_len=args.rollout_len,
-        colocate_vllm=not args.no_vllm, sleep_mode=not args.no_sleep_mode, offload_during_rollout=args.offload,
+        colocate_vllm=not args.no_vllm, offload_during_rollout=args.offload,
         distributed_optimizer=not args.no_distributed_optimizer, reserve_gib=args.reserve_gib,
     )
 
@@ -98,17 +107,24 @@ def _byte_fields(mem: Memory) -> dict[str, int]:
     return {k: v for k, v in asdict(mem).items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
+def _unit(spec: ModelSpec) -> tuple[int, str]:
+    return (GIB, "GiB") if total_params(spec) > 1e8 else (1024**2, "MiB")
+
+
+def _count(spec: ModelSpec) -> str:
+    n = total_params(spec)
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def report(spec: ModelSpec, cfg: PlanConfig, show_all: bool = False) -> tuple[str, dict]:
     """The printed table (GiB per GPU, busiest pipeline stage) and a JSON-ready dict."""
     fits = plan(spec, cfg)
     by_layout = {f.memory.layout: f for f in fits}
-    unit, unit_name = (GIB, "GiB") if total_params(spec) > 1e8 else (1024**2, "MiB")
+    unit, unit_name = _unit(spec)
     rows = [_row(f.memory, f, unit) for f in fits]
     if show_all:
         rows += [_row(m, None, unit) for m in all_layouts(spec, cfg) if m.layout not in by_layout]
-    n = total_params(spec)
-    count = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-    head = (f"{spec.name}: {count} parameters on {cfg.num_gpus} x {cfg.gpu} "
+    head = (f"{spec.name}: {_count(spec)} parameters on {cfg.num_gpus} x {cfg.gpu} "
             f"({cfg.capacity_bytes / GIB:.1f} GiB usable each), seq {cfg.seq_length}, micro-batch "
             f"{cfg.micro_batch_size}, {cfg.precision}; {unit_name} per GPU, best layout first")
     body = format_table(rows) if rows else "no layout fits: add GPUs or shorten --seq-length / --rollout-len"
@@ -127,20 +143,59 @@ def report(spec: ModelSpec, cfg: PlanConfig, show_all: bool = False) -> tuple[st
     return f"{head}\n{body}", data
 
 
+def report_run(run: RunPlan) -> tuple[str, dict]:
+    """The configured run: every stage of its layout (GiB per GPU) and whether it fits, and a JSON-ready dict."""
+    cfg, lay = run.config, run.layout
+    stages = [stage_memory(run.spec, cfg, lay, s) for s in range(lay.pp)]
+    recompute = bool(cfg.recompute)
+    unit, unit_name = _unit(run.spec)
+    engine = (f"vLLM TP{cfg.rollout_tp} with {cfg.vllm_memory_fraction} of the GPU, offload "
+              f"{cfg.offload_during_rollout}" if cfg.colocate_vllm else "no colocated vLLM")
+    head = (f"{run.spec.name}: {_count(run.spec)} parameters at {lay} on {cfg.num_gpus} GPUs of "
+            f"{cfg.gpu_bytes / GIB:.1f} GiB ({cfg.capacity_bytes / GIB:.1f} usable), {cfg.seq_length} tokens per "
+            f"micro-batch, {cfg.precision}, recompute {'on' if recompute else 'off'}, {engine}; {unit_name} per GPU")
+    rows = [_row(m, run.fit, unit) for m in stages]
+    verdict = ("fits" if run.fit and not run.fit.tight else "fits, tight" if run.fit else "does NOT fit")
+    data = {"model": asdict(run.spec), "config": asdict(cfg), "layout": asdict(lay), "fits": run.fit is not None,
+            "tight": bool(run.fit and run.fit.tight), "busiest_stage": run.memory.stage,
+            "stages": [{"stage": m.stage, "bytes": _byte_fields(m), "train_peak": m.train(recompute),
+                        "rollout_peak": m.rollout} for m in stages]}
+    return f"{head}\n{format_table(rows)}\n{lay}: {verdict}", data
+
+
+def _plan_of_config(args: argparse.Namespace) -> RunPlan:
+    from trapo_megatron.config import load
+    from trapo_megatron.train.config import TrapoConfig
+
+    cfg = load(TrapoConfig, args.config, args.overrides)
+    spec = resolve_model(args.model) if args.model else model_of(cfg)
+    if spec is None:
+        raise ValueError(f"model.hf_path={cfg.model.hf_path} has no config.json here and names no preset; "
+                         "give --model PRESET_OR_CONFIG")
+    return plan_run(cfg, spec, args.num_gpus, args.gpus_per_node, args.gpu, args.gpu_memory)
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan; exit 1 when nothing fits."""
+    from trapo_megatron.config import ConfigError
+
     try:
-        spec = resolve_model(args.model)
-        cfg = config_from_args(args)
-    except ValueError as e:
+        if args.config:
+            text, data = report_run(_plan_of_config(args))
+        else:
+            if not args.model or args.overrides:
+                raise ValueError("give --model (every layout of a model) or --config RUN.yaml [overrides] "
+                                 "(the run it configures)")
+            text, data = report(resolve_model(args.model), config_from_args(args), show_all=args.all)
+    except (ValueError, ConfigError) as e:
         print(f"trapo plan: {e}", file=sys.stderr)
         return 2
-    text, data = report(spec, cfg, show_all=args.all)
+    fits = data["fits"] if args.config else bool(data["layouts"])
     print(text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=2, default=str)
-    return 0 if data["layouts"] else 1
+    return 0 if fits else 1
 
 
 def main(argv: list[str] | None = None) -> int:

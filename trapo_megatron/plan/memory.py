@@ -8,12 +8,14 @@ Bytes per parameter (Megatron mixed precision with the distributed optimizer, Ze
 Activations per layer and micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation",
 re-derived for RMSNorm + GQA + SwiGLU + flash attention, no dropout): per token the layer keeps the two norm
 inputs and the QKV/fc1 inputs (4h), Q, K, V and the attention output (2q + 2kv), the fc1 output and the
-SwiGLU output (3f), each divided by TP under sequence parallelism. Full recompute keeps only each layer's
-input (h) plus one layer's working set. 1F1B keeps ``min(PP - stage, micro-batches)`` micro-batches in
+SwiGLU output (3f), each divided by TP under sequence parallelism. Megatron's local spec has no flash
+attention: it also keeps the softmax output, heads x s x s per sequence. Full recompute keeps only each
+layer's input (h) plus one layer's working set. 1F1B keeps ``min(PP - stage, micro-batches)`` micro-batches in
 flight on a stage. The last stage also holds fp32 logits and their gradient (2 x 4 x s x b x V / TP).
 The colocated vLLM engine holds bf16 weights at the rollout TP and a KV cache of
-``2 x layers x kv_heads_per_rank x head_dim x 2 bytes`` per token. With sleep mode the engine frees its
-memory while training runs, so the peak is the larger of the two phases; without it they add up. While
+``2 x layers x kv_heads_per_rank x head_dim x 2 bytes`` per token, or, given vLLM's memory fraction, that
+fraction of the GPU whatever it holds. The trainer puts the engine to sleep (weights and KV cache freed)
+while training runs, so the peak is the larger of the two phases. While
 vLLM runs (weight sync and generation) the training state stays on the GPU except what
 ``offload_during_rollout`` moves to host memory, exactly as the trainer's ``engine.offload_during_rollout``
 does (megatron/offload.py): "none", "grads" (the DDP grad buffer) or "grads+optimizer" (also the optimizer
@@ -24,16 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, get_args
 
+from trapo_megatron import model_spec
 from trapo_megatron.megatron import features
+from trapo_megatron.offload_modes import OFFLOAD_MODES, OffloadMode
 from trapo_megatron.plan.model import ModelSpec, padded_vocab, stage_params, total_params
 
 GIB = 1024**3
 
-OffloadMode = Literal["none", "grads", "grads+optimizer"]
-"""What leaves the GPU while the engine runs (engine.offload_during_rollout; megatron/offload.py moves it)."""
-OFFLOAD_MODES = get_args(OffloadMode)
 
 # Usable memory per GPU in GiB (what nvidia-smi reports as total).
 GPUS: dict[str, float] = {
@@ -48,8 +48,11 @@ GPUS: dict[str, float] = {
 PRECISIONS: dict[str, dict[str, int]] = {
     # bytes per parameter / activation element
     "bf16": {"weight": 2, "grad": 4, "optimizer": 12, "activation": 2},
+    "fp16": {"weight": 2, "grad": 4, "optimizer": 12, "activation": 2},
     "fp32": {"weight": 4, "grad": 4, "optimizer": 8, "activation": 4},
 }
+DTYPE_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+"""model.dtype -> the precision row above."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -58,6 +61,8 @@ class PlanConfig:
 
     gpu: str = "h100-80gb"
     """GPU type, a key of GPUS."""
+    gpu_memory_gib: float | None = None
+    """Memory per GPU in GiB (what nvidia-smi reports as total); None: the ``gpu`` type's."""
     num_gpus: int = 8
     """GPUs in the job (nodes x GPUs per node)."""
     gpus_per_node: int = 8
@@ -75,19 +80,26 @@ class PlanConfig:
     num_microbatches: int | None = None
     """Micro-batches per step and pipeline; None: at least PP (the 1F1B steady state)."""
     transformer_impl: str = "te"
-    """The training's model.transformer_impl on the GPUs planned for (auto there means te): with te,
-    sequence parallelism splits norm and dropout activations over TP (megatron/features.py decides)."""
+    """The training's model.transformer_impl on the GPUs planned for (auto there means te); whether sequence
+    parallelism splits the norm activations over TP is megatron/features.py's decision."""
+    recompute: bool | None = None
+    """Full activation recompute (model.recompute_activations); None: the least the layout needs to fit."""
+    num_layers_in_first_pipeline_stage: int | None = None
+    """Uneven pipeline stages, as parallel.num_layers_in_first_pipeline_stage (None: even)."""
+    num_layers_in_last_pipeline_stage: int | None = None
+    """As parallel.num_layers_in_last_pipeline_stage (None: even)."""
     colocate_vllm: bool = True
     """A vLLM engine shares the GPUs with training."""
     rollout_tp: int | None = None
     """vLLM tensor parallel size; None: the training TP."""
     rollout_seqs: int = 32
     """Concurrent rollout sequences whose KV cache each engine must hold at least; vLLM fills the rest of
-    the memory with more (the plan reports how many fit)."""
+    the memory with more (the plan reports how many fit). Ignored with ``vllm_memory_fraction``."""
+    vllm_memory_fraction: float | None = None
+    """engine.vllm_gpu_memory_utilization: vLLM takes this fraction of the GPU's memory for its weights and
+    KV cache, whatever they need; None: it holds its weights and ``rollout_seqs`` sequences of KV cache."""
     rollout_len: int | None = None
     """Tokens per rollout sequence in the KV cache; None: seq_length."""
-    sleep_mode: bool = True
-    """vLLM releases weights and KV cache while training (enable_sleep_mode)."""
     offload_during_rollout: OffloadMode = "none"
     """What moves to host memory while vLLM runs: "none", "grads" or "grads+optimizer" (the trainer's
     engine.offload_during_rollout); the weights stay, they are the source of the weight sync."""
@@ -101,8 +113,11 @@ class PlanConfig:
     def __post_init__(self) -> None:
         if self.gpu not in GPUS:
             raise ValueError(f"PlanConfig.gpu {self.gpu!r} is unknown; choose one of {sorted(GPUS)}")
-        if self.transformer_impl not in ("te", "local"):
-            raise ValueError(f"PlanConfig.transformer_impl must be te or local, got {self.transformer_impl!r}")
+        if self.transformer_impl not in features.IMPLS:
+            raise ValueError(f"PlanConfig.transformer_impl must be one of {features.IMPLS}, got "
+                             f"{self.transformer_impl!r}")
+        if self.vllm_memory_fraction is not None and not 0 < self.vllm_memory_fraction < 1:
+            raise ValueError(f"PlanConfig.vllm_memory_fraction must lie in (0, 1), got {self.vllm_memory_fraction}")
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"PlanConfig.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}"
@@ -120,8 +135,16 @@ class PlanConfig:
             )
 
     @property
+    def gpu_bytes(self) -> float:
+        return (self.gpu_memory_gib or GPUS[self.gpu]) * GIB
+
+    @property
     def capacity_bytes(self) -> float:
-        return (GPUS[self.gpu] - self.reserve_gib) * GIB
+        return self.gpu_bytes - self.reserve_gib * GIB
+
+    @property
+    def pipeline_split(self) -> tuple[int | None, int | None]:
+        return self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -155,7 +178,6 @@ class Memory:
     kv_cache: int
     """KV cache for rollout_seqs x rollout_len tokens."""
     kv_bytes_per_token: int
-    sleep_mode: bool
     offload_during_rollout: OffloadMode
 
     @property
@@ -173,20 +195,36 @@ class Memory:
         return resident + self.vllm_weights + self.kv_cache
 
     def peak(self, recompute: bool) -> int:
-        train = self.train(recompute)
-        if self.sleep_mode:
-            return max(train, self.rollout)
-        return train + self.vllm_weights + self.kv_cache
+        return max(self.train(recompute), self.rollout)
 
 
-def _activation_elems_per_token(spec: ModelSpec, tp: int, sp: bool) -> tuple[float, float]:
-    """(one layer's saved activations, one layer's input) in elements per token on one TP rank."""
-    h, q, kv, f = spec.hidden_size, spec.q_size, spec.kv_size, spec.ffn_hidden_size
-    split = 2 * q + 2 * kv + 3 * f
-    norm_side = 4 * h
-    if sp or tp == 1:
-        return (norm_side + split) / tp, h / tp
-    return norm_side + split / tp, h
+def _activation_elems_per_token(spec: ModelSpec, tp: int, sp: bool, local: bool) -> tuple[float, float]:
+    """(one layer's saved activations, one layer's input) in elements per token on one TP rank.
+
+    ``local``: megatron's local spec (megatron-core 0.19.2, counted on the CPU): each unfused torch RMSNorm
+    keeps its input, its normalised output and 1/rms, and the next linear its own input (3h + 1, twice);
+    the unfused attention keeps Q and K, V expanded to every query head (3q) and the projection's input (q);
+    RoPE keeps cos and sin for Q and K (4 head_dim, on every TP rank); the SwiGLU keeps fc1's output (2f),
+    silu's output, the up half and fc2's input (3f); Qwen3's Q / K norms keep their inputs (K's a view that
+    holds the whole fused QKV output), outputs and 1/rms per head."""
+    h, q, kv, f, d = spec.hidden_size, spec.q_size, spec.kv_size, spec.ffn_hidden_size, spec.head_dim
+    if local:
+        norm_side, split, shared = 6 * h + 2, 4 * q + 5 * f, 4 * d
+        if spec.qk_layernorm:
+            split += 3 * (q + kv) + spec.num_attention_heads + spec.num_query_groups
+    else:
+        norm_side, split, shared = 4 * h, 2 * q + 2 * kv + 3 * f, 0
+    norm_tp = tp if sp or tp == 1 else 1
+    return norm_side / norm_tp + split / tp + shared, h / norm_tp
+
+
+def _attention_score_bytes(spec: ModelSpec, cfg: PlanConfig, tp: int, act: int) -> int:
+    """Megatron's local spec has no flash attention: one layer keeps each micro-batch's softmax output, heads
+    x s x s per sequence (a packed micro-batch is one sequence under a dense mask), in fp32
+    (attention_softmax_in_fp32) plus its 16-bit copy under bf16 / fp16 (transformer/dot_product_attention.py,
+    fusions/fused_softmax.py, megatron-core 0.19.2)."""
+    per_element = 4 + (act if act < 4 else 0)
+    return spec.num_attention_heads // tp * cfg.micro_batch_size * cfg.seq_length**2 * per_element
 
 
 def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -> Memory:
@@ -194,17 +232,18 @@ def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     bytes_ = PRECISIONS[cfg.precision]
     grad_bytes = cfg.grad_bytes or bytes_["grad"]
-    params = stage_params(spec, tp, pp, stage, cfg.vocab_divisor).total
+    params = stage_params(spec, tp, pp, stage, cfg.vocab_divisor, *cfg.pipeline_split).total
     opt_shard = dp if cfg.distributed_optimizer else 1
 
     tokens = cfg.micro_batch_size * cfg.seq_length
     in_flight = min(pp - stage, cfg.num_microbatches or pp)
-    sp = features.decide(cfg.transformer_impl, tp, cuda=True, te_error=None, grad_accum_kernel=True).sequence_parallel
-    per_tok, input_tok = _activation_elems_per_token(spec, tp, sp)
-    layers = spec.num_layers // pp
+    feats = features.decide(cfg.transformer_impl, tp, cuda=True, te_error=None, grad_accum_kernel=True)
+    per_tok, input_tok = _activation_elems_per_token(spec, tp, feats.sequence_parallel, not feats.transformer_engine)
+    layers = model_spec.pipeline_stages(spec.num_layers, pp, *cfg.pipeline_split)[stage]
     act = bytes_["activation"]
-    activations = int(in_flight * layers * tokens * per_tok * act)
-    recompute = int(in_flight * layers * tokens * input_tok * act + tokens * per_tok * act)
+    scores = 0 if feats.transformer_engine else _attention_score_bytes(spec, cfg, tp, act)
+    activations = int(in_flight * layers * (tokens * per_tok * act + scores))
+    recompute = int(in_flight * layers * tokens * input_tok * act + tokens * per_tok * act + scores)
     vocab_rank = padded_vocab(spec, tp, cfg.vocab_divisor) // tp
     logits = 2 * 4 * tokens * vocab_rank if stage == pp - 1 else 0
 
@@ -215,13 +254,15 @@ def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -
         kv_heads = max(1, spec.num_query_groups // rtp)
         kv_per_token = 2 * spec.num_layers * kv_heads * spec.head_dim * 2
         kv_cache = kv_per_token * cfg.rollout_seqs * (cfg.rollout_len or cfg.seq_length)
+        if cfg.vllm_memory_fraction is not None:  # vLLM reserves its fraction; the KV cache is what is left
+            kv_cache = max(0, int(cfg.vllm_memory_fraction * cfg.gpu_bytes) - vllm_weights)
     return Memory(
         layout=layout, stage=stage, params=params,
         weights=params * bytes_["weight"], grads=params * grad_bytes,
         optimizer=-(-params * bytes_["optimizer"] // opt_shard),
         activations=activations, activations_recompute=recompute, logits=logits,
         vllm_weights=vllm_weights, kv_cache=kv_cache, kv_bytes_per_token=kv_per_token,
-        sleep_mode=cfg.sleep_mode, offload_during_rollout=cfg.offload_during_rollout,
+        offload_during_rollout=cfg.offload_during_rollout,
     )
 
 
@@ -236,19 +277,19 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(spec: ModelSpec, cfg: PlanConfig) -> list[Layout]:
-    """Every TP x PP x DP = num_gpus that the model's shape allows (TP inside a node, divides the heads,
-    the KV groups, the FFN and the vocabulary; PP divides the layers)."""
+    """Every TP x PP x DP = num_gpus that the model's shape allows (TP inside a node; the builder's own
+    check, :func:`model_spec.check_parallel`, on the vocabulary as padded for TP)."""
     out = []
     for tp in _divisors(cfg.num_gpus):
         if tp > cfg.gpus_per_node:
             continue
-        if any(x % tp for x in (spec.num_attention_heads, spec.num_query_groups, spec.ffn_hidden_size)):
-            continue
-        if cfg.vocab_divisor == 1 and spec.vocab_size % tp:
-            continue
+        padded = dataclasses.replace(spec, vocab_size=padded_vocab(spec, tp, cfg.vocab_divisor))
         for pp in _divisors(cfg.num_gpus // tp):
-            if spec.num_layers % pp == 0:
-                out.append(Layout(tp=tp, pp=pp, dp=cfg.num_gpus // (tp * pp)))
+            try:  # uneven stages are asked for explicitly, never searched
+                model_spec.check_parallel(padded, tp, pp)
+            except ValueError:
+                continue
+            out.append(Layout(tp=tp, pp=pp, dp=cfg.num_gpus // (tp * pp)))
     return out
 
 
@@ -300,7 +341,7 @@ def evaluate(spec: ModelSpec, cfg: PlanConfig, layout: Layout) -> Fit | None:
     """The layout's fit, or None when it does not fit even with full recompute."""
     mem = layout_memory(spec, cfg, layout)
     cap = cfg.capacity_bytes
-    recompute = mem.peak(False) > cap
+    recompute = mem.peak(False) > cap if cfg.recompute is None else cfg.recompute
     if mem.peak(recompute) > cap:
         return None
 
@@ -308,7 +349,7 @@ def evaluate(spec: ModelSpec, cfg: PlanConfig, layout: Layout) -> Fit | None:
         return layout_memory(spec, dataclasses.replace(cfg, **changes), layout).peak(recompute) <= cap
 
     rollout_len = cfg.rollout_len or cfg.seq_length
-    free_for_kv = cap - (mem.rollout - mem.kv_cache)
+    free_for_kv = mem.kv_cache if cfg.vllm_memory_fraction is not None else cap - (mem.rollout - mem.kv_cache)
     kv_seq = mem.kv_bytes_per_token * rollout_len
     return Fit(
         memory=mem, recompute=recompute, capacity=cap, min_headroom=cfg.min_headroom,

@@ -1,128 +1,57 @@
-"""Model shapes the planner needs, and exact per-rank parameter counts in Megatron-Core's layout.
+"""Model presets for the planner, and exact per-rank parameter counts in Megatron-Core's layout.
 
 Plain python: no torch, megatron or nemo_run import, so `trapo plan` answers in milliseconds on a laptop.
-The counts follow Megatron's GPT layout (what the builder makes from a Hugging Face Qwen2/Llama config):
+The counts follow Megatron's GPT layout (what the builder makes from the same :class:`ModelSpec`):
 per layer an RMSNorm before attention and before the MLP, a fused QKV projection (grouped-query attention,
-optional bias), the attention output projection, a gated (SwiGLU) or plain fc1 and fc2; word embeddings on
-the first pipeline stage, the final norm and the output layer on the last one. Our builder does not pad the
+optional bias, optional per-head Q/K RMSNorm), the attention output projection, a SwiGLU fc1 and fc2; word
+embeddings on the first pipeline stage, the final norm and the output layer on the last one. Our builder does not pad the
 vocabulary (it requires TP to divide it); ``vocab_divisor`` models Megatron-LM's
 ``make_vocab_size_divisible_by`` padding to a multiple of ``vocab_divisor * TP`` for checkpoints with it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from trapo_megatron import model_spec
+from trapo_megatron.model_spec import ModelSpec
 
-@dataclass(kw_only=True, frozen=True)
-class ModelSpec:
-    """The shape of a decoder-only transformer, in Hugging Face terms."""
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "assets" / "demo" / "model" / "config.json"
 
-    name: str
-    """A label for tables and reports."""
-    num_layers: int
-    """Transformer layers (``num_hidden_layers``)."""
-    hidden_size: int
-    """Model width h."""
-    ffn_hidden_size: int
-    """MLP width (``intermediate_size``)."""
-    num_attention_heads: int
-    """Query heads."""
-    num_query_groups: int
-    """Key/value heads (``num_key_value_heads``); equal to the query heads without GQA."""
-    vocab_size: int
-    """Vocabulary before Megatron pads it."""
-    kv_channels: int | None = None
-    """Head dimension; ``hidden_size // num_attention_heads`` when None (Qwen3 sets it explicitly)."""
-    qkv_bias: bool = False
-    """Bias on the QKV projection (Qwen2 has one)."""
-    qk_layernorm: bool = False
-    """RMSNorm on queries and keys per head (Qwen3)."""
-    gated_mlp: bool = True
-    """SwiGLU: fc1 holds gate and up projections."""
-    tie_embeddings: bool = False
-    """Output layer shares the word-embedding weight."""
-
-    def __post_init__(self) -> None:
-        for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                  "vocab_size"):
-            if getattr(self, f) <= 0:
-                raise ValueError(f"ModelSpec.{f} must be positive, got {getattr(self, f)}")
-        if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
-                f"ModelSpec.num_query_groups ({self.num_query_groups}) must divide num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.kv_channels or self.hidden_size // self.num_attention_heads
-
-    @property
-    def q_size(self) -> int:
-        return self.num_attention_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_query_groups * self.head_dim
-
-
-# Published shapes (the models' own config.json). Keys are the preset names `trapo plan --model` takes.
-PRESETS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec(  # the CPU demo's model (trapo_megatron/assets/demo/model)
-        name="tiny", num_layers=2, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4,
-        num_query_groups=2, vocab_size=112, qkv_bias=True, tie_embeddings=True,
-    ),
-    "qwen2.5-math-7b": ModelSpec(
-        name="qwen2.5-math-7b", num_layers=28, hidden_size=3584, ffn_hidden_size=18944,
-        num_attention_heads=28, num_query_groups=4, vocab_size=152064, qkv_bias=True,
-    ),
-    "qwen2.5-7b": ModelSpec(
-        name="qwen2.5-7b", num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28,
-        num_query_groups=4, vocab_size=152064, qkv_bias=True,
-    ),
-    "llama3.1-8b": ModelSpec(
-        name="llama3.1-8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
-        num_query_groups=8, vocab_size=128256,
-    ),
-    "qwen2.5-32b": ModelSpec(
-        name="qwen2.5-32b", num_layers=64, hidden_size=5120, ffn_hidden_size=27648, num_attention_heads=40,
-        num_query_groups=8, vocab_size=152064, qkv_bias=True,
-    ),
-    "qwen3-32b": ModelSpec(
-        name="qwen3-32b", num_layers=64, hidden_size=5120, ffn_hidden_size=25600, num_attention_heads=64,
-        num_query_groups=8, kv_channels=128, vocab_size=151936, qk_layernorm=True,
-    ),
-    "qwen2.5-72b": ModelSpec(
-        name="qwen2.5-72b", num_layers=80, hidden_size=8192, ffn_hidden_size=29568, num_attention_heads=64,
-        num_query_groups=8, vocab_size=152064, qkv_bias=True,
-    ),
+# Published shapes: the fields of the models' own config.json that differ from their family's defaults.
+# Keys are the preset names `trapo plan --model` takes; "tiny" is the CPU demo's model itself.
+PRESET_CONFIGS: dict[str, dict] = {
+    "qwen2.5-math-7b": {"model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 3584,
+                        "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
+                        "vocab_size": 152064, "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    "qwen2.5-7b": {"model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 3584, "intermediate_size": 18944,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                   "rope_theta": 1000000.0},
+    "llama3.1-8b": {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                    "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    "qwen3-8b": {"model_type": "qwen3", "num_hidden_layers": 36, "hidden_size": 4096, "intermediate_size": 12288,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                 "max_position_embeddings": 40960, "rope_theta": 1000000.0},
+    "qwen2.5-32b": {"model_type": "qwen2", "num_hidden_layers": 64, "hidden_size": 5120, "intermediate_size": 27648,
+                    "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064,
+                    "rope_theta": 1000000.0, "rms_norm_eps": 1e-5},
+    "qwen3-32b": {"model_type": "qwen3", "num_hidden_layers": 64, "hidden_size": 5120, "intermediate_size": 25600,
+                  "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                  "max_position_embeddings": 40960, "rope_theta": 1000000.0},
+    "qwen2.5-72b": {"model_type": "qwen2", "num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 29568,
+                    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064,
+                    "rope_theta": 1000000.0, "rms_norm_eps": 1e-5},
 }
 
-
-def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> ModelSpec:
-    """A ModelSpec from a Hugging Face ``config.json`` (a dict, the file, or the folder holding it)."""
-    if not isinstance(config, dict):
-        path = Path(config)
-        path = path / "config.json" if path.is_dir() else path
-        config = json.loads(path.read_text())
-    mt = str(config.get("model_type", ""))
-    return ModelSpec(
-        name=name or config.get("_name_or_path") or mt or "model",
-        num_layers=config["num_hidden_layers"],
-        hidden_size=config["hidden_size"],
-        ffn_hidden_size=config["intermediate_size"],
-        num_attention_heads=config["num_attention_heads"],
-        num_query_groups=config.get("num_key_value_heads") or config["num_attention_heads"],
-        vocab_size=config["vocab_size"],
-        kv_channels=config.get("head_dim"),
-        qkv_bias=bool(config.get("attention_bias", mt == "qwen2")),
-        qk_layernorm=mt.startswith("qwen3"),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-    )
+PRESETS: dict[str, ModelSpec] = {
+    "tiny": model_spec.from_hf_config(DEMO_CONFIG, name="tiny"),
+    **{name: model_spec.from_hf_config(cfg, name=name) for name, cfg in PRESET_CONFIGS.items()},
+}
 
 
 def resolve_model(model: str) -> ModelSpec:
@@ -131,7 +60,7 @@ def resolve_model(model: str) -> ModelSpec:
         return PRESETS[model]
     path = Path(model)
     if path.exists():
-        return spec_from_hf_config(path, name=path.stem if path.is_file() else path.name)
+        return model_spec.from_hf_config(path, name=path.stem if path.is_file() else path.name)
     raise ValueError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
 
 
@@ -160,7 +89,7 @@ def layer_params(spec: ModelSpec, tp: int) -> RankParams:
     h, q, kv, f = spec.hidden_size, spec.q_size, spec.kv_size, spec.ffn_hidden_size
     qkv = h * (q + 2 * kv) + (q + 2 * kv if spec.qkv_bias else 0)
     proj = q * h
-    fc1 = h * f * (2 if spec.gated_mlp else 1)
+    fc1 = h * f * 2  # SwiGLU: gate and up
     fc2 = f * h
     sharded = qkv + proj + fc1 + fc2
     assert sharded % tp == 0 or tp == 1, "TP must divide heads and ffn"
@@ -168,20 +97,20 @@ def layer_params(spec: ModelSpec, tp: int) -> RankParams:
     return RankParams(tp_sharded=sharded // tp, replicated=norms)
 
 
-def stage_params(spec: ModelSpec, tp: int, pp: int, stage: int, vocab_divisor: int = 1) -> RankParams:
-    """Parameters of pipeline ``stage`` (0-based) on one TP rank; layers split evenly over stages."""
-    if spec.num_layers % pp:
-        raise ValueError(f"--pp {pp} must divide num_layers {spec.num_layers}")
+def stage_params(spec: ModelSpec, tp: int, pp: int, stage: int, vocab_divisor: int = 1,
+                 first: int | None = None, last: int | None = None) -> RankParams:
+    """Parameters of pipeline ``stage`` (0-based) on one TP rank; ``first`` / ``last``: layers on the first /
+    last stage (None: an even split), as :func:`model_spec.pipeline_stages` places them."""
     layer = layer_params(spec, tp)
-    n = spec.num_layers // pp
+    n = model_spec.pipeline_stages(spec.num_layers, pp, first, last)[stage]
     sharded, replicated = n * layer.tp_sharded, n * layer.replicated
     embed = padded_vocab(spec, tp, vocab_divisor) * spec.hidden_size // tp
-    first, last = stage == 0, stage == pp - 1
-    if first:
+    is_first, is_last = stage == 0, stage == pp - 1
+    if is_first:
         sharded += embed
-    if last:
+    if is_last:
         replicated += spec.hidden_size  # final norm
-        if not spec.tie_embeddings or not first:
+        if not spec.tied_embeddings or not is_first:
             sharded += embed  # output layer (a shared copy of the embedding when tied and PP > 1)
     return RankParams(tp_sharded=sharded, replicated=replicated)
 
@@ -190,5 +119,5 @@ def total_params(spec: ModelSpec) -> int:
     """Unpadded parameter count of the whole model (what model cards quote)."""
     layer = layer_params(spec, 1).total * spec.num_layers
     embed = spec.vocab_size * spec.hidden_size
-    return layer + embed * (1 if spec.tie_embeddings else 2) + spec.hidden_size
+    return layer + embed * (1 if spec.tied_embeddings else 2) + spec.hidden_size
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from trapo_megatron import model_spec
 from trapo_megatron.rollout.engine import (
     Generation,
     SamplingParams,
@@ -21,8 +22,6 @@ from trapo_megatron.rollout.engine import (
     check_generate_args,
     check_wake_up,
 )
-
-_TIED_HEAD = "lm_head.weight"
 
 
 def processed_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -92,7 +91,7 @@ class CpuEngine(_SleepState):
                 raise ValueError("CpuEngine needs an hf_config or a model")
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
         self.model = model.eval()
-        self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        self.tied = model_spec.ties_embeddings(self.model.config)
         self.max_batch_size = max_batch_size
         self._sleeping = False
         self.num_generate_calls = 0
@@ -113,7 +112,7 @@ class CpuEngine(_SleepState):
         targets = self.model.state_dict(keep_vars=True)
         incoming = dict(weights)
         unknown = sorted(set(incoming) - set(targets))
-        optional = {_TIED_HEAD} if self.tied else set()
+        optional = {n for n in targets if model_spec.is_tied_head(n, self.tied)}
         missing = sorted(set(targets) - set(incoming) - optional)
         if unknown or missing:
             raise KeyError(

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from trapo_megatron import model_spec
 from trapo_megatron.rollout.engine import (
     Generation,
     SamplingParams,
@@ -45,7 +46,6 @@ from trapo_megatron.rollout.engine import (
 )
 
 NOT_INSTALLED = "vLLM is not installed (pip install 'trapo-megatron[gpu]')"
-_TIED_HEAD = "lm_head.weight"
 
 
 def import_vllm():
@@ -131,7 +131,7 @@ def engine_stream(weights: WeightStream, *, tied: bool, dtype: torch.dtype) -> I
     with a warning per weight), and without ``lm_head.weight`` when tied (the head IS the embedding;
     sending it alone is a ValueError, model_executor/models/utils.py AutoWeightsLoader)."""
     for name, tensor in weights:
-        if tied and name == _TIED_HEAD:
+        if model_spec.is_tied_head(name, tied):
             continue
         yield name, tensor.to(dtype)
 
@@ -186,7 +186,7 @@ class VllmEngine:
         finally:
             _set_rng_state(saved)
         hf_config = getattr(getattr(self.llm.llm_engine, "model_config", None), "hf_config", None)
-        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.tied = model_spec.ties_embeddings(hf_config)
         self._sleeping = False
         self.num_generate_calls = 0
 

@@ -10,9 +10,9 @@ from trapo_megatron.algo.micro_groups import MicroGroupConfig
 from trapo_megatron.data.dataset import DataConfig
 from trapo_megatron.data.prompts import PromptConfig
 from trapo_megatron.megatron.model_builder import ModelConfig
-from trapo_megatron.megatron.offload import OffloadMode
 from trapo_megatron.megatron.platform import ParallelConfig
 from trapo_megatron.megatron.step import OptimizerConfig
+from trapo_megatron.offload_modes import OffloadMode
 from trapo_megatron.reward.math_reward import RewardConfig
 from trapo_megatron.rollout.waves import RolloutConfig
 from trapo_megatron.train import stopping

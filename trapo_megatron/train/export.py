@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from trapo_megatron import model_spec
 from trapo_megatron.megatron import model_builder
 
 
@@ -17,7 +18,7 @@ def export_hf(policy: Any, hf_config: Any, model_cfg: model_builder.ModelConfig,
 
     stream = policy.hf_weights(bucket_mb * 2**20)
     if dist.get_rank() == 0:
-        dims = mapping.ModelDims.from_hf_config(hf_config.to_dict())
+        dims = model_spec.from_hf_config(hf_config)
         dtype = model_builder.DTYPES[model_cfg.dtype]
         shapes = mapping.hf_shapes(dims)
         plan = [(h, shapes[h], dtype) for entry in mapping.expanded(dims) for h in entry.hf]
