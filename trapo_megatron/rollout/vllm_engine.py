@@ -226,7 +226,7 @@ class VllmEngine:
                             enforce_eager=enforce_eager, engine_kwargs=engine_kwargs,
                             sleep_mode_available=current_platform.is_sleep_mode_available())
         self.sleep_mode = bool(kwargs["enable_sleep_mode"])
-        if not self.sleep_mode:
+        if not self.sleep_mode and os.environ.get("RANK", "0") == "0":  # said once per run
             print(f"trapo: vLLM on {type(current_platform).__name__} has no sleep mode: the engine keeps its "
                   "weights and KV cache while training", file=sys.stderr, flush=True)
         external_launcher_env()
