@@ -72,6 +72,6 @@ def test_the_planner_reads_the_same_sequence_parallel_decision():
     spec, lay = PRESETS["qwen2.5-math-7b"], Layout(tp=4, pp=1, dp=2)
     te = stage_memory(spec, PlanConfig(num_gpus=8), lay, 0)
     local = stage_memory(spec, PlanConfig(num_gpus=8, transformer_impl="local"), lay, 0)
-    assert local.activations == te.activations  # both split norm / dropout activations over TP (SP on)
+    assert local.activations > te.activations  # the local spec's attention scores (plan/memory.py); SP on both
     with pytest.raises(ValueError, match="PlanConfig.transformer_impl"):
         PlanConfig(transformer_impl="fast")
