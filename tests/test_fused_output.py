@@ -169,3 +169,90 @@ def test_tp2_with_and_without_sequence_parallel_matches_tp1():
                 refs[tied, chunk] = _run(False, params, tokens, batch, probe, 0, 1, None, False, tied, chunk)
             _compare(got, refs[tied, chunk], rank, 2, 1e-5)
     assert len(results[0]) == 16
+
+
+FAMILIES = (("qwen2", False), ("llama", True))  # untied; tied (the output weight is the embedding's)
+
+
+def _trapo_micro_batches(vocab: int) -> list[dict]:
+    """test_megatron_parallel's packed micro-batches with the TRAPO fields: every third target a prefix
+    (SFT) token, the others continuations, advantages per micro-batch, token weights 1/targets."""
+    from test_megatron_parallel import _micro_batches
+
+    out = []
+    for i, mb in enumerate(_micro_batches(3, vocab)):
+        weight = mb.pop("weight")
+        loss_tokens = weight > 0
+        sft = loss_tokens & (torch.arange(len(weight)) % 3 == 0)
+        mb.update(sft_mask=sft, rl_mask=loss_tokens & ~sft, advantages=torch.full_like(weight, 0.5 - i),
+                  token_weight=weight)
+        out.append(mb)
+    return out
+
+
+def _model_worker(rank: int, world: int, tp: int) -> dict:
+    """Per family and path (unfused, fused): the metric sums (last stage) and this stage's full gradients of a
+    real GPTModel through megatron's forward_backward_func, as MegatronPolicy.train_step computes them;
+    the pipeline has world / tp stages."""
+    from _megatron_helpers import fill_deterministic, full_grads, tiny_hf_config
+    from megatron.core import parallel_state as ps
+
+    from trapo_megatron.algo.loss import trapo_loss
+    from trapo_megatron.megatron import fused_output, model_builder, platform, step
+
+    parallel = platform.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=world // tp)
+    platform.initialize(parallel, seed=7)
+    tp_group = ps.get_tensor_model_parallel_group()
+    result = {}
+    for family, tied in FAMILIES:
+        hf = tiny_hf_config(family, tied=tied)
+        chunks = step.wrap_ddp(model_builder.build_model(hf, parallel), use_distributed_optimizer=False)
+        fill_deterministic(chunks, tied)
+        for fused in (False, True):
+            def loss_fn(output, mb, fused=fused, model=chunks[-1]):
+                if fused:
+                    return fused_output.trapo_loss_from_hidden(output, model, mb, CFG_MODEL, tp_group)
+                return trapo_loss(output, mb, CFG_MODEL, tp_group=tp_group)
+
+            for c in chunks:
+                c.zero_grad_buffer()
+            reported = step.forward_backward(chunks, _trapo_micro_batches(hf.vocab_size), loss_fn,
+                                             hidden_states=fused)
+            metrics = {k: sum(float(r[k]) for r in reported) for k in reported[0]} if reported else None
+            result[family, fused] = {"grads": full_grads(chunks), "metrics": metrics}
+    platform.destroy()
+    return result
+
+
+CFG_MODEL = LossConfig(entropy_coef=0.01, clip_ratio_low=0.1, clip_ratio_high=0.1, temperature=0.8, chunk_tokens=5)
+
+
+def _merge_stages(results: list[dict], key: tuple) -> dict:
+    """One layout's metrics (from the last stage) and gradients (every stage's)."""
+    grads: dict = {}
+    for r in results:
+        grads.update(r[key]["grads"])
+    return {"grads": grads, "metrics": next(r[key]["metrics"] for r in results if r[key]["metrics"])}
+
+
+@pytest.mark.timeout(900)
+def test_whole_model_gradients_fused_equal_unfused_at_tp1_tp2_pp2():
+    ref = run_distributed(_model_worker, 1, 1)[0]
+    layouts = {"tp2": run_distributed(_model_worker, 2, 2), "pp2": run_distributed(_model_worker, 2, 1)}
+    for family, tied in FAMILIES:
+        base = ref[family, False]
+        runs = {"tp1 fused": ref[family, True]}
+        runs.update({f"{name} {'fused' if fused else 'unfused'}": _merge_stages(res, (family, fused))
+                     for name, res in layouts.items() for fused in (False, True)})
+        for run, got in runs.items():
+            grads = dict(got["grads"])
+            if tied and run.startswith("pp2"):  # the last stage's copy of the tied embedding: its summed grad
+                torch.testing.assert_close(grads.pop("output_layer.weight"),
+                                           base["grads"]["embedding.word_embeddings.weight"], atol=1e-5, rtol=1e-5)
+            assert got["metrics"].keys() == base["metrics"].keys()
+            for k, v in base["metrics"].items():
+                assert got["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (family, run, k)
+            assert grads.keys() == base["grads"].keys(), (family, run)
+            for name, g in base["grads"].items():
+                assert g.abs().sum() > 0, f"{family}: zero reference grad for {name}"
+                torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-5, msg=f"{family} {run} {name}")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trapo_megatron.algo.loss import LossConfig, trapo_loss_from_logprobs
 from trapo_megatron.megatron import vocab_parallel as vp
 
 
@@ -139,9 +140,18 @@ def _to_tensor_parallel_region(hidden: torch.Tensor, group: Any, sequence_parall
         return mappings.copy_to_tensor_model_parallel_region(hidden, group=group)
 
 
-def output_weight(model: Any) -> torch.Tensor:
-    """The output layer's weight of a (DDP-wrapped) last-stage GPTModel: the embedding's when tied."""
+def trapo_loss_from_hidden(
+    hidden: torch.Tensor, model: Any, batch: Any, cfg: LossConfig, tp_group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`trapo_loss` of the logits that ``model``'s output layer would compute from ``hidden``, through
+    :func:`fused_logprobs_entropy`. ``model``: the (DDP-wrapped) last-stage GPTModel, whose output weight
+    (the embedding's when tied, megatron's shared_embedding_or_output_weight) and sequence-parallel setting
+    (its output layer's, off at TP=1) are used."""
     module = getattr(model, "module", model)
     if module.share_embeddings_and_output_weights:
-        return module.shared_embedding_or_output_weight()
-    return module.output_layer.weight
+        weight = module.shared_embedding_or_output_weight()
+    else:
+        weight = module.output_layer.weight
+    logp, entropy = fused_logprobs_entropy(hidden, weight, batch["labels"], tp_group, cfg.temperature,
+                                           cfg.chunk_tokens, module.output_layer.sequence_parallel)
+    return trapo_loss_from_logprobs(logp, entropy, batch, cfg)
