@@ -46,7 +46,9 @@ def causal_mask(seq: int) -> torch.Tensor:
     return torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1).view(1, 1, seq, seq)
 
 
-def input_ids(vocab: int, batch: int = 2, seq: int = 9, seed: int = 1) -> torch.Tensor:
+def input_ids(vocab: int, batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    """A direct model call at TP > 1 runs with sequence parallelism, which needs seq % TP == 0 (the train
+    step pads packed rows itself: data/packing.py pad_row)."""
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from trapo_megatron.data.packing import block_causal_mask, pack_row
+from trapo_megatron.data.packing import block_causal_mask, pack_row, pad_row
 from trapo_megatron.testing import run_distributed
 
 
@@ -14,10 +14,33 @@ def test_a_packed_row_is_linear_in_its_tokens():
     """At the 7B preset's 16,384 tokens a dense mask was 268 MB per micro-batch; a row is now O(S)."""
     seqs = [torch.arange(n) for n in (8192, 4096, 4096)]
     row = pack_row(seqs)
-    assert set(row) == {"tokens", "position_ids", "cu_seqlens"}
-    assert sum(t.numel() * t.element_size() for t in row.values()) < 20 * 16_384  # bytes: ~16 per token
+    assert set(row) == {"tokens", "position_ids", "cu_seqlens", "max_seqlen"}
+    assert row["max_seqlen"] == 8192  # a host int: THD attention needs it without a device sync
+    assert sum(t.numel() * t.element_size() for t in row.values() if isinstance(t, torch.Tensor)) < 20 * 16_384
     assert row["cu_seqlens"].tolist() == [0, 8192, 12288, 16384]
     assert row["position_ids"][0, 8192].item() == 0 and row["position_ids"][0, -1].item() == 4095
+
+
+def test_padding_is_a_pseudo_sequence_of_its_own_carrying_nothing():
+    """Sequence parallelism scatters the row over TP ranks: megatron asserts S % TP == 0
+    (tensor_parallel/mappings.py _split_along_first_dim). The padding closes its own cu_seqlens entry."""
+    row = pack_row([torch.arange(1, 6), torch.arange(1, 3)])  # 7 tokens
+    row.update(labels=torch.arange(7), sft_mask=torch.ones(7, dtype=torch.bool), token_weight=torch.ones(7))
+    for tp, padded in ((1, 7), (2, 8), (4, 8), (8, 8), (3, 9)):
+        out = pad_row(row, tp, {"labels": -100})
+        assert out["tokens"].shape == out["position_ids"].shape == (1, padded)
+        assert all(out[k].shape == (padded,) for k in ("labels", "sft_mask", "token_weight"))
+        assert out["tokens"].shape[1] % tp == 0 and int(out["cu_seqlens"][-1]) == padded
+        if padded > 7:
+            pad = padded - 7
+            assert out["cu_seqlens"].tolist() == [0, 5, 7, padded] and out["max_seqlen"] == 5
+            assert out["position_ids"][0, 7:].tolist() == list(range(pad))
+            assert out["labels"][7:].tolist() == [-100] * pad and not out["sft_mask"][7:].any()
+            assert out["token_weight"][7:].sum() == 0 and out["tokens"][0, :7].tolist() == [1, 2, 3, 4, 5, 1, 2]
+            mask = block_causal_mask(out["cu_seqlens"])[0, 0]
+            assert mask[7:, :7].all() and mask[:7, 7:].all()  # attention never crosses into or out of it
+        else:
+            assert out is row
 
 
 def test_block_causal_mask_is_the_brute_force_one():

@@ -21,8 +21,9 @@ def test_the_table():
     for local in (decide("auto", 2, cuda=False, te_error="x", grad_accum_kernel=False),
                   decide("local", 2, cuda=True, te_error=None, grad_accum_kernel=True)):
         assert (local.transformer_engine, local.fusions, local.gradient_accumulation_fusion,
-                local.sequence_parallel) == (False, False, False, False)
-        assert local.reason == "sequence parallel: off (megatron's local layer spec does not support it)"
+                local.sequence_parallel) == (False, False, False, True)  # SP on the local spec too (norms.py)
+        assert local.reason == "sequence parallel: on (TP > 1)"
+    assert decide("local", 1, cuda=False, te_error=None, grad_accum_kernel=False).sequence_parallel is False
     with pytest.raises(ValueError, match="transformer_impl=te needs a CUDA GPU"):
         decide("te", 2, cuda=False, te_error=None, grad_accum_kernel=False)
     with pytest.raises(ValueError, match="model.transformer_impl must be one of"):
@@ -71,6 +72,6 @@ def test_the_planner_reads_the_same_sequence_parallel_decision():
     spec, lay = PRESETS["qwen2.5-math-7b"], Layout(tp=4, pp=1, dp=2)
     te = stage_memory(spec, PlanConfig(num_gpus=8), lay, 0)
     local = stage_memory(spec, PlanConfig(num_gpus=8, transformer_impl="local"), lay, 0)
-    assert local.activations > te.activations  # norms and dropout activations are not split over TP
+    assert local.activations == te.activations  # both split norm / dropout activations over TP (SP on)
     with pytest.raises(ValueError, match="PlanConfig.transformer_impl"):
         PlanConfig(transformer_impl="auto")

@@ -28,4 +28,5 @@ def test_gpu_check_cpu_smoke(tmp_path):
     # gloo on CPU; the suite's strict collectives make a host tensor on the world (a device group) raise
     assert nccl["backend"] == "gloo" and nccl["strict"] and nccl["host_tensor_on_device_group"].startswith("raised")
     stream, train = rows[6], rows[5]
-    assert stream["tensors"] > 10 and train["params_moved"] == train["params"] > 0
+    assert stream["tensors"] > 10 and train["master_shards_moved"] == train["master_shards"] > 0
+

@@ -1,4 +1,5 @@
-"""TP=2, PP=2 and TP=2 x PP=2 give TP=1's logits, loss and gradients; DP=2 with the distributed optimizer
+"""TP=2, PP=2 and TP=2 x PP=2 give TP=1's logits, loss and gradients (TP > 1 with sequence parallelism on, as a
+GPU run has it, over packed rows of odd lengths padded to a multiple of TP); DP=2 with the distributed optimizer
 gives DP=1's losses over several optimizer steps. Real megatron-core models from the builder, through
 megatron-core's own forward_backward_func, on spawned gloo workers."""
 
@@ -75,6 +76,7 @@ def equivalence_worker(rank: int, world: int, tp: int, pp: int) -> dict:
         grads = full_grads(chunks)
         logits = [_gather_logits(x) for x in stash]
         result[family] = {
+            "sequence_parallel": chunks[0].config.sequence_parallel,
             "grads": grads,
             "logits": logits if logits else None,
             "loss": float(sum(r["loss"] for r in reported)) if reported else None,
@@ -97,12 +99,21 @@ def reference() -> dict:
     return run_distributed(equivalence_worker, 1, 1, 1)[0]
 
 
+def test_the_packed_rows_have_odd_lengths() -> None:
+    """What makes the padding matter: every micro-batch of the parity runs is odd (S % TP != 0 at TP 2)."""
+    assert [mb["tokens"].shape[1] % 2 for mb in _micro_batches(3, 64)] == [1, 1]
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_layout_matches_tp1(reference: dict, tp: int, pp: int) -> None:
     results = run_distributed(equivalence_worker, tp * pp, tp, pp)
     for family, tied in FAMILIES:
+        assert all(r[family]["sequence_parallel"] == (tp > 1) for r in results)
         ref_logits, ref_loss, ref_grads = _merge([reference], family)
         logits, loss, grads = _merge(results, family)
+        for a, b in zip(logits, ref_logits, strict=True):  # the padding pseudo-sequence: rows past the reference
+            assert a.shape[0] == b.shape[0] + (-b.shape[0] % tp), (a.shape, b.shape)
+        logits = [a[:b.shape[0]] for a, b in zip(logits, ref_logits, strict=True)]
         if tied and pp > 1:  # the last stage's copy of a tied embedding gets the embedding's summed grad
             torch.testing.assert_close(grads.pop("output_layer.weight"), ref_grads["embedding.word_embeddings.weight"],
                                        atol=1e-5, rtol=1e-5)

@@ -68,3 +68,33 @@ def test_host_tensors_on_device_groups_raise_naming_the_call_site() -> None:
         assert "test_strict_collectives.py" in dp and "in _host_on_dp" in dp
         assert "dist.broadcast got a host tensor (2,)" in world and "the default (WORLD) group" in world
         assert out["sum"] == 6.0 + 6.0 + 2.0  # device tensors and host groups pass
+
+
+def _bound_worker(rank: int, world: int) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, mappings
+
+    platform.initialize(platform.ParallelConfig(tensor_model_parallel_size=2), seed=1)
+    wrapped = {name: hasattr(getattr(module, name), "trapo_strict") for module in (mappings, param_and_grad_buffer)
+               for name in ("dist_all_gather_func", "dist_reduce_scatter_func")}
+    tp = ps.get_tensor_model_parallel_group()
+    try:  # megatron's own SP gather, which calls the all_gather_into_tensor it bound at import
+        gather_from_sequence_parallel_region(torch.ones(2, 3), group=tp)
+        error = ""
+    except RuntimeError as e:
+        error = str(e)
+    gathered = gather_from_sequence_parallel_region(platform.to_device(torch.ones(2, 3)), group=tp)
+    platform.destroy()
+    restored = not hasattr(mappings.dist_all_gather_func, "trapo_strict")
+    return {"wrapped": wrapped, "error": error, "shape": tuple(gathered.shape), "restored": restored}
+
+
+def test_the_collectives_megatron_bound_at_import_are_checked_too() -> None:
+    """mappings.py / param_and_grad_buffer.py hold all_gather_into_tensor / reduce_scatter_tensor under their
+    own names (the SP gathers, DDP's reduce-scatter, the distributed optimizer's all-gather)."""
+    for out in run_distributed(_bound_worker, 2, timeout=240):
+        assert all(out["wrapped"].values()), out["wrapped"]
+        assert "dist.all_gather_into_tensor got a host tensor" in out["error"] and "device group" in out["error"]
+        assert "megatron/core/tensor_parallel/mappings.py" in out["error"]  # the call site megatron bound
+        assert out["shape"] == (4, 3) and out["restored"]

@@ -46,14 +46,46 @@ def pack_row(sequences: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     starts = torch.cumsum(lengths, 0) - lengths
     position_ids = (torch.arange(total) - starts[seq_id]).view(1, total)
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lengths, 0).int()])
-    return {"tokens": tokens, "position_ids": position_ids, "cu_seqlens": cu_seqlens}
+    # The longest sequence as a Python int, known here on the host: THD attention needs it, and reading it
+    # from the device copy of cu_seqlens would sync the device once per micro-batch.
+    return {"tokens": tokens, "position_ids": position_ids, "cu_seqlens": cu_seqlens,
+            "max_seqlen": int(lengths.max()) if len(sequences) else 0}
+
+
+ROW_KEYS = ("tokens", "position_ids", "cu_seqlens", "max_seqlen")
+"""What :func:`pack_row` returns; any other tensor of a micro-batch is per token (S,)."""
+
+
+def pad_row(mb: dict, multiple: int, fill: dict[str, int]) -> dict:
+    """``mb`` (a :func:`pack_row` row plus per-token tensors (S,)) padded to a multiple of ``multiple`` tokens.
+
+    Sequence parallelism scatters the row over the TP ranks and requires S % TP == 0 (megatron-core
+    tensor_parallel/mappings.py ``_split_along_first_dim``). The padding is a pseudo-sequence of its own: token
+    0 at positions 0.., closed by its own ``cu_seqlens`` entry, so attention never mixes it with a real
+    sequence and its activations stay finite (a NaN there would survive the zero weight in the backward);
+    per-token tensors get ``fill[key]`` (labels: the ignore label) or 0, so it carries no loss and no metric.
+    """
+    total = mb["tokens"].shape[1]
+    pad = -total % multiple
+    if pad == 0:
+        return mb
+    out = dict(mb)
+    out["tokens"] = torch.cat([mb["tokens"], mb["tokens"].new_zeros(1, pad)], dim=1)
+    out["position_ids"] = torch.cat([mb["position_ids"], torch.arange(pad).view(1, pad)], dim=1)
+    out["cu_seqlens"] = torch.cat([mb["cu_seqlens"], mb["cu_seqlens"].new_tensor([total + pad])])
+    out["max_seqlen"] = max(mb["max_seqlen"], pad)
+    for key, value in mb.items():
+        if key not in ROW_KEYS and isinstance(value, torch.Tensor):
+            out[key] = torch.cat([value, value.new_full((pad,), fill.get(key, 0))])
+    return out
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """(1, 1, S, S) bool, True = masked (megatron's convention): causal inside each packed sequence, nothing
     across them. Built on ``device`` directly (no host copy to move)."""
+    total = int(cu_seqlens[-1])  # read on the host copy: no device sync
     cu = cu_seqlens.to(device=device, dtype=torch.long)
-    total = int(cu[-1])
-    seq_id = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), cu[1:] - cu[:-1])  # (S,)
+    seq_id = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), cu[1:] - cu[:-1],
+                                     output_size=total)  # (S,); output_size: no device sync
     causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
     return (~(causal & (seq_id[:, None] == seq_id[None, :]))).view(1, 1, total, total)

@@ -4,7 +4,10 @@ builder (layer spec, fusions, sequence parallelism), the train step (THD attenti
 | impl  | TE spec | fusions (rope, bias-act, masked softmax, grad-acc) | sequence parallel |
 | ----- | ------- | -------------------------------------------------- | ----------------- |
 | te    | yes     | on (grad-acc needs apex's fused_weight_gradient_mlp_cuda for the output layer) | TP > 1 |
-| local | no      | off (megatron's local spec has no fused kernels on our path) | off (unsupported by the local spec) |
+| local | no      | off (megatron's local spec has no fused kernels on our path) | TP > 1 (our norm: megatron/norms.py) |
+
+Sequence parallelism follows TP on both specs, so the CPU path (local spec) runs the layout a GPU run takes,
+and packed rows are padded to a multiple of TP for it (megatron/step.py).
 
 ``auto`` is ``te`` on a CUDA machine and ``local`` without CUDA. On CUDA, a Transformer Engine whose torch
 extension does not import is an error naming the package and the fix (or ``model.transformer_impl: local``),
@@ -62,11 +65,12 @@ def decide(impl: str, tp: int, *, cuda: bool, te_error: str | None, grad_accum_k
                 "requirements/gpu-lock.txt pins it), or set model.transformer_impl: local to train on "
                 "megatron's local spec (slower: no fusions, no sequence parallelism, dense masks)"
             )
-        sp = tp > 1
-        return Features(True, True, grad_accum_kernel, sp,
-                        "sequence parallel: on (TE spec, TP > 1)" if sp else "sequence parallel: off (TP = 1)")
-    return Features(False, False, False, False,
-                    "sequence parallel: off (megatron's local layer spec does not support it)")
+        return Features(True, True, grad_accum_kernel, tp > 1, _sp_reason(tp))
+    return Features(False, False, False, tp > 1, _sp_reason(tp))
+
+
+def _sp_reason(tp: int) -> str:
+    return "sequence parallel: on (TP > 1)" if tp > 1 else "sequence parallel: off (TP = 1)"
 
 
 def detect(impl: str, tp: int) -> Features:

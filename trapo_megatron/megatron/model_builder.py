@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trapo_megatron.megatron import features, platform
+from trapo_megatron.megatron import features, norms, platform
 
 # HF model_type -> whether its attention projections carry a bias (None: read config.attention_bias).
 QKV_BIAS_BY_FAMILY: dict[str, bool | None] = {"qwen2": True, "llama": None}
@@ -133,7 +133,7 @@ class ModelConfig:
     """Full activation recompute of every layer (trades ~30% compute for activation memory)."""
     transformer_impl: str = "auto"
     """auto (Transformer Engine on CUDA, which must then import; local without CUDA), te, or local
-    (megatron's local spec on a GPU too: no fusions, no sequence parallelism). See megatron/features.py."""
+    (megatron's local spec on a GPU too: no fusions, dense masks). See megatron/features.py."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -173,13 +173,20 @@ def transformer_config_from_hf(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(feats: features.Features) -> Any:
-    """The TE layer spec or megatron-core's local one, as ``feats`` decided."""
+def layer_spec(feats: features.Features, config: Any) -> Any:
+    """The TE layer spec, or megatron-core's local one with its norms made sequence-parallel capable
+    (megatron/norms.py) and the block's final norm likewise (as the block would build this stage's layers)."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
     if feats.transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = norms.replace_local_norms(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                      layer_norm=norms.SequenceParallelRMSNorm)
 
 
 def features_of(chunk: Any) -> features.Features:
@@ -207,7 +214,7 @@ def build_model(
     with platform.cuda_literals_on_cpu():  # tied embeddings on the last PP stage call .cuda()
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(feats),
+            transformer_layer_spec=layer_spec(feats, config),
             vocab_size=hf_config.vocab_size,
             max_sequence_length=hf_config.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(),

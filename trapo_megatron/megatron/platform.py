@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
 import os
 import random
@@ -121,6 +122,8 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
         backend = "nccl" if cuda_available() else "gloo"
         if cuda_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            if os.environ.get("TRAPO_CUDA_SYNC_DEBUG"):  # "warn" | "error": every device->host sync reported
+                torch.cuda.set_sync_debug_mode(os.environ["TRAPO_CUDA_SYNC_DEBUG"])
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     global _host_group
     if _host_group is None and (dist.get_backend() != "gloo" or strict_collectives()):
@@ -366,7 +369,18 @@ _CHECKED_COLLECTIVES = (
     "reduce_scatter_tensor", "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter",
     "send", "recv", "batch_isend_irecv",
 )  # not isend / irecv themselves: P2POp checks its op against them by identity (the batch is checked)
+_BOUND_AT_IMPORT = (
+    ("megatron.core.tensor_parallel.mappings", "dist_all_gather_func"),  # SP gathers, TP all-gathers
+    ("megatron.core.tensor_parallel.mappings", "dist_reduce_scatter_func"),  # SP reduce-scatters
+    ("megatron.core.distributed.param_and_grad_buffer", "dist_all_gather_func"),  # distributed optimizer
+    ("megatron.core.distributed.param_and_grad_buffer", "dist_reduce_scatter_func"),  # DDP grad reduction
+)
+"""megatron-core 0.19.2 names that hold a ``torch.distributed`` collective bound when the module was imported
+(``dist_all_gather_func = torch.distributed.all_gather_into_tensor`` at the top of both files): wrapping
+``dist.*`` afterwards does not reach them, so they are wrapped where they live. (``_coalescing_manager``,
+imported by name in param_and_grad_buffer.py, takes no tensors: the collectives inside it are these.)"""
 _saved_collectives: dict[str, Callable] = {}
+_saved_bound: dict[tuple[str, str], Callable] = {}
 _tracker: _HostTensorTracker | None = None
 
 
@@ -413,6 +427,7 @@ def _strict(name: str, fn: Callable) -> Callable:
         _check_collective(name, signature, args, kwargs)
         return fn(*args, **kwargs)
 
+    wrapper.trapo_strict = True  # torch's own collectives carry __wrapped__ too (its logging decorators)
     return wrapper
 
 
@@ -425,6 +440,13 @@ def _install_strict_collectives() -> None:
         if fn is not None:
             _saved_collectives[name] = fn
             setattr(dist, name, _strict(name, fn))
+    wrappers = {id(fn): getattr(dist, name) for name, fn in _saved_collectives.items()}
+    for module_name, attr in _BOUND_AT_IMPORT:
+        module = importlib.import_module(module_name)
+        bound = getattr(module, attr, None)
+        if id(bound) in wrappers:  # left alone if megatron rebound it (e.g. its fp32-accumulating variant)
+            _saved_bound[module_name, attr] = bound
+            setattr(module, attr, wrappers[id(bound)])
     _tracker = _HostTensorTracker()
     _tracker.__enter__()
 
@@ -434,6 +456,9 @@ def _remove_strict_collectives() -> None:
     for name, fn in _saved_collectives.items():
         setattr(dist, name, fn)
     _saved_collectives.clear()
+    for (module_name, attr), fn in _saved_bound.items():
+        setattr(sys.modules[module_name], attr, fn)
+    _saved_bound.clear()
     if _tracker is not None:
         _tracker.__exit__(None, None, None)
         _tracker = None

@@ -16,14 +16,15 @@ from typing import Any, Literal
 
 import torch
 
+from trapo_megatron.algo.masks import IGNORE_LABEL
 from trapo_megatron.data import packing
 from trapo_megatron.megatron import model_builder, platform
 from trapo_megatron.train import faults
 
 MicroBatch = dict[str, Any]
 """One packed micro-batch (data/packing.py pack_row): ``tokens`` (1, S) long, ``position_ids`` (1, S) long,
-``cu_seqlens`` (n + 1,) int32 boundaries of the packed sequences, and any per-token tensors (S,) the loss
-needs. No mask: the local attention path builds the block-diagonal one on the device when it runs."""
+``cu_seqlens`` (n + 1,) int32 boundaries of the packed sequences, ``max_seqlen`` (int), and any per-token
+tensors (S,) the loss needs. No mask: the local attention path builds the block-diagonal one on the device when it runs."""
 
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """``loss_fn(logits (S, V/TP), micro_batch) -> (global-normalised loss sum, metric sums)``."""
@@ -133,7 +134,11 @@ def forward_backward(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    thd = model_builder.features_of(chunks[0]).transformer_engine
+    feats = model_builder.features_of(chunks[0])
+    thd = feats.transformer_engine
+    if feats.sequence_parallel:  # the row is scattered over the TP ranks: S must divide by TP
+        tp = chunks[0].config.tensor_model_parallel_size
+        micro_batches = [packing.pad_row(mb, tp, {"labels": IGNORE_LABEL}) for mb in micro_batches]
 
     dev = platform.device()
     hook = {"output_processor": _final_hidden_states} if hidden_states else {}
@@ -143,7 +148,7 @@ def forward_backward(
               for k, v in next(data_iterator).items()}
         if thd:  # padding-free THD attention over the packed sequences (Transformer Engine): no mask at all
             logits = model(mb["tokens"], mb["position_ids"], None, labels=None,
-                           packed_seq_params=packed_seq_params(mb["cu_seqlens"]), **hook)
+                           packed_seq_params=packed_seq_params(mb["cu_seqlens"], mb["max_seqlen"]), **hook)
         else:  # local attention: the explicit block-diagonal causal mask, built for this forward only
             mask = packing.block_causal_mask(mb["cu_seqlens"], dev)
             logits = model(mb["tokens"], mb["position_ids"], mask, labels=None, **hook)
@@ -176,12 +181,12 @@ def _final_hidden_states(hidden_states: torch.Tensor, **_: Any) -> torch.Tensor:
     return hidden_states
 
 
-def packed_seq_params(cu_seqlens: torch.Tensor) -> Any:
-    """THD boundaries of one packed row for Transformer Engine attention."""
+def packed_seq_params(cu_seqlens: torch.Tensor, longest: int) -> Any:
+    """THD boundaries of one packed row for Transformer Engine attention (``longest``: the longest packed
+    sequence, from the host: pack_row's ``max_seqlen``)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu = cu_seqlens.to(device=platform.device(), dtype=torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                            max_seqlen_kv=longest)
 
