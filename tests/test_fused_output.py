@@ -219,7 +219,8 @@ def _model_worker(rank: int, world: int, tp: int) -> dict:
             reported = step.forward_backward(chunks, _trapo_micro_batches(hf.vocab_size), loss_fn,
                                              hidden_states=fused)
             metrics = {k: sum(float(r[k]) for r in reported) for k in reported[0]} if reported else None
-            result[family, fused] = {"grads": full_grads(chunks), "metrics": metrics}
+            result[family, fused] = {"grads": full_grads(chunks), "metrics": metrics,
+                                     "sp": chunks[-1].module.config.sequence_parallel}
     platform.destroy()
     return result
 
@@ -232,11 +233,12 @@ def _merge_stages(results: list[dict], key: tuple) -> dict:
     grads: dict = {}
     for r in results:
         grads.update(r[key]["grads"])
-    return {"grads": grads, "metrics": next(r[key]["metrics"] for r in results if r[key]["metrics"])}
+    return {"grads": grads, "metrics": next(r[key]["metrics"] for r in results if r[key]["metrics"]),
+            "sp": results[0][key]["sp"]}
 
 
 @pytest.mark.timeout(900)
-def test_whole_model_gradients_fused_equal_unfused_at_tp1_tp2_pp2():
+def test_whole_model_gradients_fused_equal_unfused_at_tp1_tp2sp_pp2():
     ref = run_distributed(_model_worker, 1, 1)[0]
     layouts = {"tp2": run_distributed(_model_worker, 2, 2), "pp2": run_distributed(_model_worker, 2, 1)}
     for family, tied in FAMILIES:
@@ -244,6 +246,7 @@ def test_whole_model_gradients_fused_equal_unfused_at_tp1_tp2_pp2():
         runs = {"tp1 fused": ref[family, True]}
         runs.update({f"{name} {'fused' if fused else 'unfused'}": _merge_stages(res, (family, fused))
                      for name, res in layouts.items() for fused in (False, True)})
+        assert [got["sp"] for got in runs.values()] == [False, True, True, False, False]  # SP on at TP2 (CPU too)
         for run, got in runs.items():
             grads = dict(got["grads"])
             if tied and run.startswith("pp2"):  # the last stage's copy of the tied embedding: its summed grad
