@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,7 +109,10 @@ def grads_bytes(h, w) -> int:
 def ensure_verl(scratch: Path) -> None:
     """verl and its few needed packages in ``scratch`` (installed once), importable from this process."""
     if not (scratch / "verl").is_dir():
-        uv = os.environ.get("UV", "uv")
+        uv = os.environ.get("UV") or shutil.which("uv")
+        if uv is None:
+            raise SystemExit("benchmarks/fused_output.py: no uv to install verl with: put uv on PATH or set UV= "
+                             "to it (the Makefile's UV), or pass --no-verl")
         subprocess.run([uv, "pip", "install", "--python", sys.executable, "--target", str(scratch), "--no-deps",
                         "--quiet", *VERL_PACKAGES], check=True)
     sys.path.insert(0, str(scratch))
