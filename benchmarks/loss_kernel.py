@@ -84,66 +84,65 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def measure_memory(variant: str, num_tokens: int, vocab: int, dtype: str, device: str) -> float:
-    """Peak extra bytes of one forward + backward, in THIS process (call it in a fresh one): the least of two
-    measured calls after a warm-up call of the same size, so that library pages faulted in on first use and
-    pages evicted by other processes do not count."""
-    fn = VARIANTS[variant]
-    logits, batch = make_inputs(num_tokens, vocab, DTYPES[dtype], device)
-    step(fn, logits, batch)  # warm-up at full size
+def peak_extra_bytes(run, reset, device: str) -> float:
+    """Peak extra bytes of ``run()`` (one forward + backward), in THIS process (call it in a fresh one): the
+    least of two measured calls after a warm-up call of the same size, so that library pages faulted in on
+    first use and pages evicted by other processes do not count. ``reset()`` drops the previous call's
+    gradients before each measurement, so the new ones count."""
+    run()  # warm-up at full size
     peaks = []
     for _ in range(2):
-        logits.grad = None
+        reset()
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            step(fn, logits, batch)
+            run()
             torch.cuda.synchronize()
             peaks.append(float(torch.cuda.max_memory_allocated() - before))
             continue
         before = _status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident set (VmHWM) to the current one
-        step(fn, logits, batch)
+        run()
         peaks.append(float(_status_kib("VmHWM") - before) * 1024)
     return min(peaks)
 
 
-def memory_in_subprocess(variant: str, args, dtype: str) -> float:
-    """:func:`measure_memory` in a fresh interpreter. glibc's adaptive mmap threshold is pinned at 1 MiB
-    there, so every freed buffer goes back to the system instead of hiding in the heap as resident memory."""
-    cmd = [
-        sys.executable,
-        __file__,
-        "--measure-memory",
-        variant,
-        "--tokens",
-        str(args.tokens),
-        "--vocab",
-        str(args.vocab),
-        "--dtypes",
-        dtype,
-        "--device",
-        args.device,
-        "--threads",
-        str(args.threads),
-    ]
+def measure_memory(variant: str, num_tokens: int, vocab: int, dtype: str, device: str) -> float:
+    fn = VARIANTS[variant]
+    logits, batch = make_inputs(num_tokens, vocab, DTYPES[dtype], device)
+    return peak_extra_bytes(lambda: step(fn, logits, batch), lambda: setattr(logits, "grad", None), device)
+
+
+def bytes_in_subprocess(script: str, args: list[str]) -> float:
+    """The last line ``script`` prints with ``args``, in a fresh interpreter. glibc's adaptive mmap threshold
+    is pinned at 1 MiB there, so every freed buffer goes back to the system instead of hiding in the heap as
+    resident memory."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True,
+                         env=env).stdout
     return float(out.strip().splitlines()[-1])
 
 
-def time_variants(logits, batch, repeats: int, device: str) -> dict[str, tuple[float, float]]:
-    """Median (wall seconds, process CPU seconds) of forward + backward per variant, after one warm-up call;
-    the variants alternate so that load from other processes hits both alike."""
-    samples: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+def memory_in_subprocess(variant: str, args, dtype: str) -> float:
+    """:func:`measure_memory` in a fresh interpreter (:func:`bytes_in_subprocess`)."""
+    return bytes_in_subprocess(__file__, [
+        "--measure-memory", variant, "--tokens", str(args.tokens), "--vocab", str(args.vocab), "--dtypes", dtype,
+        "--device", args.device, "--threads", str(args.threads),
+    ])
+
+
+def time_runs(runs: dict, repeats: int, device: str) -> dict[str, tuple[float, float]]:
+    """Median (wall seconds, process CPU seconds) of each ``run()`` (forward + backward), after one warm-up
+    call; the runs alternate so that load from other processes hits all alike."""
+    samples: dict[str, list[tuple[float, float]]] = {v: [] for v in runs}
     for i in range(repeats + 1):
-        for name, fn in VARIANTS.items():
+        for name, run in runs.items():
             if device == "cuda":
                 torch.cuda.synchronize()
             wall, cpu = time.perf_counter(), time.process_time()
-            step(fn, logits, batch)
+            run()
             if device == "cuda":
                 torch.cuda.synchronize()
             if i:
@@ -152,6 +151,11 @@ def time_variants(logits, batch, repeats: int, device: str) -> dict[str, tuple[f
         v: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s))
         for v, s in samples.items()
     }
+
+
+def time_variants(logits, batch, repeats: int, device: str) -> dict[str, tuple[float, float]]:
+    return time_runs({name: (lambda fn=fn: step(fn, logits, batch)) for name, fn in VARIANTS.items()}, repeats,
+                     device)
 
 
 def main() -> None:

@@ -79,6 +79,11 @@ class LossConfig:
     """Sampling temperature; logits are divided by it before the softmax, as the rollout engine does."""
     chunk_tokens: int | None = None
     """Tokens per chunk in the vocab-parallel kernels; None: a per-device budget (vocab_parallel.py)."""
+    fused_output_layer: bool = True
+    """Compute log-probs and entropy from the final hidden states chunk by chunk, fusing Megatron's output
+    layer into the kernels so the [T, V/TP] logits and their gradient never exist (megatron/fused_output.py;
+    the same losses and gradients, one more output-layer GEMM: backward recomputes the logits); False: the
+    output layer writes the logits, the kernels read them."""
 
     def __post_init__(self) -> None:
         for name, table in (

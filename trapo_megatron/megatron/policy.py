@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from trapo_megatron.algo.loss import LossConfig, trapo_loss
-from trapo_megatron.megatron import model_builder, platform, step
+from trapo_megatron.megatron import fused_output, model_builder, platform, step
 from trapo_megatron.train import faults
 
 OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -55,11 +55,17 @@ class MegatronPolicy:
             c.train()
         step.zero_grad(self.chunks, self.optimizer)
 
-        def loss_fn(logits: torch.Tensor, mb: step.MicroBatch):
-            loss, metrics = trapo_loss(logits, mb, loss_cfg, tp_group=self.tp_group)
+        fused = loss_cfg.fused_output_layer
+
+        def loss_fn(output: torch.Tensor, mb: step.MicroBatch):  # logits, or hidden states when fused
+            if fused:
+                loss, metrics = fused_output.trapo_loss_from_hidden(output, self.chunks[-1], mb, loss_cfg,
+                                                                    self.tp_group)
+            else:
+                loss, metrics = trapo_loss(output, mb, loss_cfg, tp_group=self.tp_group)
             return (loss * float("nan") if faults.fire("loss") else loss), metrics
 
-        reported = step.forward_backward(self.chunks, micro_batches, loss_fn)
+        reported = step.forward_backward(self.chunks, micro_batches, loss_fn, hidden_states=fused)
         applied, grad_norm, self.nonfinite = step.optimizer_step(
             self.optimizer, self.scheduler, loss_finite=self._loss_finite_everywhere(reported))
         sums = self._global_sums(reported)

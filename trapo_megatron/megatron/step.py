@@ -127,9 +127,14 @@ def build_optimizer(ddp_chunks: list[Any], cfg: OptimizerConfig, total_steps: in
 
 
 def forward_backward(
-    chunks: list[Any], micro_batches: list[MicroBatch], loss_fn: LossFn, *, forward_only: bool = False
+    chunks: list[Any], micro_batches: list[MicroBatch], loss_fn: LossFn, *, forward_only: bool = False,
+    hidden_states: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Run megatron-core's schedule (1F1B with PP) over ``micro_batches``.
+
+    ``hidden_states``: the last stage hands ``loss_fn`` the final hidden states ``(S, h)`` (``S/TP`` rows with
+    sequence parallelism) instead of the logits: GPTModel's ``output_processor`` hook returns them in place
+    of running its output layer (for the fused output layer, megatron/fused_output.py).
 
     Returns the metric dicts of every micro-batch on the last pipeline stage (empty list elsewhere). Each dict
     has ``loss`` (a clone: the schedule edits its loss in place) plus the loss function's metric sums.
@@ -143,16 +148,17 @@ def forward_backward(
         micro_batches = [packing.pad_row(mb, tp, {"labels": IGNORE_LABEL}) for mb in micro_batches]
 
     dev = platform.device()
+    hook = {"output_processor": _final_hidden_states} if hidden_states else {}
 
     def forward_step(data_iterator, model):
         mb = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v
               for k, v in next(data_iterator).items()}
         if thd:  # padding-free THD attention over the packed sequences (Transformer Engine): no mask at all
             logits = model(mb["tokens"], mb["position_ids"], None, labels=None,
-                           packed_seq_params=packed_seq_params(mb["cu_seqlens"], mb["max_seqlen"]))
+                           packed_seq_params=packed_seq_params(mb["cu_seqlens"], mb["max_seqlen"]), **hook)
         else:  # local attention: the explicit block-diagonal causal mask, built for this forward only
             mask = packing.block_causal_mask(mb["cu_seqlens"], dev)
-            logits = model(mb["tokens"], mb["position_ids"], mask, labels=None)
+            logits = model(mb["tokens"], mb["position_ids"], mask, labels=None, **hook)
 
         def loss_func(output: torch.Tensor):
             # (1, S, V/TP) -> (S, V/TP)
@@ -174,6 +180,12 @@ def forward_backward(
             forward_only=forward_only,
         )
     return list(out)
+
+
+def _final_hidden_states(hidden_states: torch.Tensor, **_: Any) -> torch.Tensor:
+    """GPTModel's output_processor (megatron-core 0.19.2 models/gpt/gpt_model.py, _postprocess): called with
+    the decoder's output after the final norm, its return value is the model's output."""
+    return hidden_states
 
 
 def packed_seq_params(cu_seqlens: torch.Tensor, longest: int) -> Any:

@@ -1,0 +1,261 @@
+"""The fused output layer (hidden states -> log-prob / entropy, no logits) against the unfused path: megatron's
+own output-layer linear (tensor_parallel/layers.py) + the vocab-parallel kernels, at TP=1 (also against an
+fp64 log_softmax) and TP=2 with and without sequence parallelism, tied and untied, chunks that do and do not
+divide T. The embedding in front is vocab-parallel too (megatron's mapping functions), so a tied weight gets
+both of its gradients and the sequence-parallel scatter/gather runs in both directions."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from trapo_megatron.algo.loss import LossConfig, trapo_loss_from_logprobs
+from trapo_megatron.megatron.fused_output import fused_logprobs_entropy
+from trapo_megatron.megatron.vocab_parallel import vocab_parallel_logprobs_entropy
+from trapo_megatron.testing import run_distributed
+
+T, H, V = 20, 16, 24
+CFG = LossConfig(entropy_coef=0.01, tis_cap=1.5, clip_ratio_low=0.1, clip_ratio_high=0.1, temperature=0.8)
+CASES = list(itertools.product((False, True), (4, 3, None)))  # (tied, chunk tokens): 4 divides T, 3 does not
+TP2_CASES = list(itertools.product((False, True), (4, 3)))
+
+
+def _inputs(dtype: torch.dtype):
+    """Full embedding, full output weight, mixing matrix, tokens, and the TRAPO batch."""
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(V, H, generator=g, dtype=torch.float64)
+    out = torch.randn(V, H, generator=g, dtype=torch.float64)
+    mix = torch.randn(H, H, generator=g, dtype=torch.float64) / H**0.5
+    tokens = torch.randint(0, V, (T,), generator=g)
+    labels = torch.randint(0, V, (T,), generator=g)
+    labels[[0, 11]] = -100
+    sft, rl = torch.zeros(T, dtype=torch.bool), torch.zeros(T, dtype=torch.bool)
+    sft[2:7], rl[8:18] = True, True
+    base = -torch.rand(T, generator=g) * 3
+    batch = {"labels": labels, "sft_mask": sft, "rl_mask": rl, "advantages": torch.randn(T, generator=g),
+             "token_weight": torch.rand(T, generator=g) * (sft | rl), "old_logprobs": base,
+             "rollout_logprobs": base + 0.3 * torch.randn(T, generator=g)}
+    probe = torch.randn(2, T, generator=g, dtype=torch.float64)  # cotangents for logp and entropy
+    return [x.to(dtype) for x in (emb, out, mix)], tokens, batch, probe
+
+
+def _hidden(emb_shard, mix, tokens, rank, tp, group, sp):
+    """Vocab-parallel embedding (masked lookup, then megatron's reduce over TP, or reduce-scatter with SP)
+    and one mixing layer: replicated [T, H] hidden states, or this rank's [T/TP, H] sequence shard."""
+    from megatron.core.tensor_parallel import mappings
+
+    rows = emb_shard.shape[0]
+    local = tokens - rank * rows
+    held = ((local >= 0) & (local < rows)).unsqueeze(-1)
+    e = emb_shard[local.clamp(0, rows - 1)] * held
+    if tp > 1:
+        e = (mappings.reduce_scatter_to_sequence_parallel_region if sp
+             else mappings.reduce_from_tensor_model_parallel_region)(e, group=group)
+    return torch.tanh(e @ mix)
+
+
+def _logprobs(fused: bool, hidden, weight, labels, group, tp, sp, chunk):
+    if fused:
+        return fused_logprobs_entropy(hidden, weight, labels, group, CFG.temperature, chunk, sequence_parallel=sp)
+    from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
+
+    logits = linear_with_grad_accumulation_and_async_allreduce(
+        hidden, weight, None, gradient_accumulation_fusion=False, allreduce_dgrad=tp > 1 and not sp,
+        sequence_parallel=sp, grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=group)
+    return vocab_parallel_logprobs_entropy(logits, labels, group, CFG.temperature, chunk)
+
+
+def _run(fused, params, tokens, batch, probe, rank, tp, group, sp, tied, chunk):
+    """logp, entropy, loss, metrics and the gradients of every leaf, first of a probe of (logp, entropy),
+    then of the TRAPO loss. The mixing matrix's grad is summed over TP with SP (a sequence-parallel
+    parameter: megatron all-reduces such grads in finalize_model_grads)."""
+    import torch.distributed as dist
+
+    emb_full, out_full, mix_full = params
+    emb = emb_full.chunk(tp)[rank].clone().requires_grad_()
+    out = emb if tied else out_full.chunk(tp)[rank].clone().requires_grad_()
+    mix = mix_full.clone().requires_grad_()
+    leaves = {"emb": emb, "mix": mix} if tied else {"emb": emb, "out": out, "mix": mix}
+    result = {}
+    for what in ("probe", "loss"):
+        hidden = _hidden(emb, mix, tokens, rank, tp, group, sp)
+        logp, ent = _logprobs(fused, hidden, out, batch["labels"], group, tp, sp, chunk)
+        loss, metrics = trapo_loss_from_logprobs(logp, ent, batch, CFG)
+        if what == "probe":
+            (logp * probe[0].to(logp.dtype) + ent * probe[1].to(ent.dtype)).sum().backward()
+            result.update(logp=logp.detach(), entropy=ent.detach())
+        else:
+            loss.backward()
+            result.update(loss=loss.detach(), metrics=metrics)
+        for name, leaf in leaves.items():
+            grad = leaf.grad.clone()
+            if name == "mix" and sp:
+                dist.all_reduce(grad, group=group)
+            result[f"{what}_grad_{name}"] = grad
+            leaf.grad = None
+    return result
+
+
+def _compare(got: dict, ref: dict, rank: int, tp: int, tol: float) -> None:
+    assert got.keys() == ref.keys()
+    for key, value in ref.items():
+        if key == "metrics":
+            for m in value:
+                torch.testing.assert_close(got[key][m], value[m], atol=tol, rtol=tol, msg=m)
+            continue
+        if "grad_emb" in key or "grad_out" in key:  # vocab-sharded over TP
+            value = value.chunk(tp)[rank]
+        assert value.abs().sum() > 0, f"zero reference {key}"
+        torch.testing.assert_close(got[key], value, atol=tol, rtol=tol, msg=key)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("tied,chunk", CASES)
+def test_tp1_matches_unfused_and_log_softmax(dtype, tol, tied, chunk):
+    params, tokens, batch, probe = _inputs(dtype)
+    run = lambda fused: _run(fused, params, tokens, batch, probe, 0, 1, None, False, tied, chunk)
+    ref = run(False)
+    _compare(run(True), ref, 0, 1, tol)
+    # Independent oracle for the unfused values: a full fp64 log_softmax of the logits.
+    emb, out, mix = (p.double() for p in params)
+    logsm = torch.log_softmax(torch.tanh(emb[tokens] @ mix) @ (emb if tied else out).t() / CFG.temperature, -1)
+    labels = batch["labels"]
+    logp = torch.where(labels >= 0, logsm.gather(1, labels.clamp(min=0)[:, None])[:, 0], 0.0)
+    torch.testing.assert_close(ref["logp"].double(), logp, atol=tol, rtol=0)
+    torch.testing.assert_close(ref["entropy"].double(), -(logsm.exp() * logsm).sum(-1), atol=tol, rtol=0)
+
+
+def test_bf16_close_to_fp32():
+    """bf16 hidden states and weight: fp32 statistics; the gradients are rounded to bf16 like the unfused."""
+    params, tokens, batch, probe = _inputs(torch.bfloat16)
+    ref = _run(False, params, tokens, batch, probe, 0, 1, None, False, False, 3)
+    got = _run(True, params, tokens, batch, probe, 0, 1, None, False, False, 3)
+    assert got["probe_grad_out"].dtype == torch.bfloat16
+    for key in ("logp", "entropy", "loss"):
+        torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-5)
+    for key in ("probe_grad_out", "probe_grad_emb", "loss_grad_mix"):
+        torch.testing.assert_close(got[key].float(), ref[key].float(), atol=2e-2, rtol=2e-2)
+
+
+def _tp2_worker(rank: int, world: int) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from trapo_megatron.megatron import platform
+
+    platform.initialize(platform.ParallelConfig(tensor_model_parallel_size=world))
+    group = ps.get_tensor_model_parallel_group()
+    params, tokens, batch, probe = _inputs(torch.float32)
+    params = [platform.to_device(p) for p in params]
+    tokens, probe = platform.to_device(tokens), platform.to_device(probe)
+    batch = {k: platform.to_device(v) for k, v in batch.items()}
+    out = {}
+    for sp, (tied, chunk) in itertools.product((False, True), TP2_CASES):
+        for fused in (False, True):
+            out[(fused, sp, tied, chunk)] = _run(fused, params, tokens, batch, probe, rank, world, group, sp,
+                                                 tied, chunk)
+    platform.destroy()
+    return out
+
+
+def test_tp2_with_and_without_sequence_parallel_matches_tp1():
+    results = run_distributed(_tp2_worker, 2, timeout=300)
+    params, tokens, batch, probe = _inputs(torch.float32)
+    refs = {}
+    for rank, res in enumerate(results):
+        for (fused, sp, tied, chunk), got in res.items():
+            if (tied, chunk) not in refs:
+                refs[tied, chunk] = _run(False, params, tokens, batch, probe, 0, 1, None, False, tied, chunk)
+            _compare(got, refs[tied, chunk], rank, 2, 1e-5)
+    assert len(results[0]) == 16
+
+
+FAMILIES = (("qwen2", False), ("llama", True))  # untied; tied (the output weight is the embedding's)
+
+
+def _trapo_micro_batches(vocab: int) -> list[dict]:
+    """test_megatron_parallel's packed micro-batches with the TRAPO fields: every third target a prefix
+    (SFT) token, the others continuations, advantages per micro-batch, token weights 1/targets."""
+    from test_megatron_parallel import _micro_batches
+
+    out = []
+    for i, mb in enumerate(_micro_batches(3, vocab)):
+        weight = mb.pop("weight")
+        loss_tokens = weight > 0
+        sft = loss_tokens & (torch.arange(len(weight)) % 3 == 0)
+        mb.update(sft_mask=sft, rl_mask=loss_tokens & ~sft, advantages=torch.full_like(weight, 0.5 - i),
+                  token_weight=weight)
+        out.append(mb)
+    return out
+
+
+def _model_worker(rank: int, world: int, tp: int) -> dict:
+    """Per family and path (unfused, fused): the metric sums (last stage) and this stage's full gradients of a
+    real GPTModel through megatron's forward_backward_func, as MegatronPolicy.train_step computes them;
+    the pipeline has world / tp stages."""
+    from _megatron_helpers import fill_deterministic, full_grads, tiny_hf_config
+    from megatron.core import parallel_state as ps
+
+    from trapo_megatron.algo.loss import trapo_loss
+    from trapo_megatron.megatron import fused_output, model_builder, platform, step
+
+    parallel = platform.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=world // tp)
+    platform.initialize(parallel, seed=7)
+    tp_group = ps.get_tensor_model_parallel_group()
+    result = {}
+    for family, tied in FAMILIES:
+        hf = tiny_hf_config(family, tied=tied)
+        chunks = step.wrap_ddp(model_builder.build_model(hf, parallel), use_distributed_optimizer=False)
+        fill_deterministic(chunks, tied)
+        for fused in (False, True):
+            def loss_fn(output, mb, fused=fused, model=chunks[-1]):
+                if fused:
+                    return fused_output.trapo_loss_from_hidden(output, model, mb, CFG_MODEL, tp_group)
+                return trapo_loss(output, mb, CFG_MODEL, tp_group=tp_group)
+
+            for c in chunks:
+                c.zero_grad_buffer()
+            reported = step.forward_backward(chunks, _trapo_micro_batches(hf.vocab_size), loss_fn,
+                                             hidden_states=fused)
+            metrics = {k: sum(float(r[k]) for r in reported) for k in reported[0]} if reported else None
+            result[family, fused] = {"grads": full_grads(chunks), "metrics": metrics,
+                                     "sp": chunks[-1].module.config.sequence_parallel}
+    platform.destroy()
+    return result
+
+
+CFG_MODEL = LossConfig(entropy_coef=0.01, clip_ratio_low=0.1, clip_ratio_high=0.1, temperature=0.8, chunk_tokens=5)
+
+
+def _merge_stages(results: list[dict], key: tuple) -> dict:
+    """One layout's metrics (from the last stage) and gradients (every stage's)."""
+    grads: dict = {}
+    for r in results:
+        grads.update(r[key]["grads"])
+    return {"grads": grads, "metrics": next(r[key]["metrics"] for r in results if r[key]["metrics"]),
+            "sp": results[0][key]["sp"]}
+
+
+@pytest.mark.timeout(900)
+def test_whole_model_gradients_fused_equal_unfused_at_tp1_tp2sp_pp2():
+    ref = run_distributed(_model_worker, 1, 1)[0]
+    layouts = {"tp2": run_distributed(_model_worker, 2, 2), "pp2": run_distributed(_model_worker, 2, 1)}
+    for family, tied in FAMILIES:
+        base = ref[family, False]
+        runs = {"tp1 fused": ref[family, True]}
+        runs.update({f"{name} {'fused' if fused else 'unfused'}": _merge_stages(res, (family, fused))
+                     for name, res in layouts.items() for fused in (False, True)})
+        assert [got["sp"] for got in runs.values()] == [False, True, True, False, False]  # SP on at TP2 (CPU too)
+        for run, got in runs.items():
+            grads = dict(got["grads"])
+            if tied and run.startswith("pp2"):  # the last stage's copy of the tied embedding: its summed grad
+                torch.testing.assert_close(grads.pop("output_layer.weight"),
+                                           base["grads"]["embedding.word_embeddings.weight"], atol=1e-5, rtol=1e-5)
+            assert got["metrics"].keys() == base["metrics"].keys()
+            for k, v in base["metrics"].items():
+                assert got["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (family, run, k)
+            assert grads.keys() == base["grads"].keys(), (family, run)
+            for name, g in base["grads"].items():
+                assert g.abs().sum() > 0, f"{family}: zero reference grad for {name}"
+                torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-5, msg=f"{family} {run} {name}")

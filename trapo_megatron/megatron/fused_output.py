@@ -1,0 +1,157 @@
+"""The output layer fused with the log-prob / entropy kernels: hidden states in, per-token statistics out,
+the ``[T, V/P]`` logits never materialised.
+
+    logits = hidden @ weight.T           hidden [T, h] (the final norm's output), weight [V/P, h]
+    logp[t], entropy[t]                  as in vocab_parallel.py (temperature applied)
+
+Forward walks token chunks: each chunk's local logits ``[C, V/P]`` are computed, reduced to the per-token
+statistics of :func:`vocab_parallel.local_partials` and dropped; the two ``[T]``-sized all-reduces of
+:func:`vocab_parallel.combine_partials` follow, as for materialised logits. Backward walks VOCABULARY blocks
+``[T, Vb]``: it recomputes the block's logits, turns them into dL/dlogits with the saved log-partition and
+entropy, and then
+
+    grad_weight[block] = dlogits_block.T @ hidden     one GEMM per block, written in place: exact, no sum
+    grad_hidden       += dlogits_block @ weight[block] fp32 accumulator [T, h] (h << V)
+
+so no weight-sized accumulator exists besides the weight gradient itself, and only ``[T, Vb]`` work
+buffers (by default at most 1/16 of the logits' elements, vocab_parallel.CHUNK_ELEMENTS).
+
+The tensor-parallel reductions are those of megatron-core 0.19.2's ColumnParallelLinear output layer
+(tensor_parallel/layers.py, ``allreduce_dgrad`` / ``sequence_parallel``), done with megatron's own mapping
+functions around the kernel: with sequence parallelism the sequence-sharded hidden states are all-gathered
+in forward and their gradient reduce-scattered in backward (gather_from_sequence_parallel_region with
+tensor_parallel_output_grad=True); without it the hidden-state gradient is all-reduced over TP
+(copy_to_tensor_model_parallel_region). Unlike megatron, which saves the sequence shard and gathers it again
+in backward, the gathered ``[T, h]`` hidden states are kept (``h/V`` of the logits' size). The weight gradient
+is returned as a plain ``.grad`` (megatron's DDP hook adds it to ``main_grad``); a tied weight (the
+embedding's) simply receives both contributions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trapo_megatron.algo.loss import LossConfig, trapo_loss_from_logprobs
+from trapo_megatron.megatron import vocab_parallel as vp
+
+
+def _vocab_blocks(num_tokens: int, vocab_local: int, chunk_tokens: int | None, device: torch.device):
+    """Column blocks of the backward with as many elements as one forward token chunk."""
+    first = next(vp._chunks(num_tokens, vocab_local, chunk_tokens, device), (0, num_tokens))
+    width = max(1, (first[1] - first[0]) * vocab_local // max(num_tokens, 1))
+    for start in range(0, vocab_local, width):
+        yield start, min(start + width, vocab_local)
+
+
+class _FusedOutputLogProbEntropy(torch.autograd.Function):
+    """hidden [T, h], weight [V/P, h] (same float dtype), labels [T] long (global ids) -> logp [T],
+    entropy [T] | None in fp32 (fp64 for fp64 inputs). Collectives: forward as vocab_parallel's kernel;
+    backward none (the TP reduction of the hidden-state gradient is the mapping function's, outside)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, group, temperature, with_entropy, chunk_tokens):
+        logp, entropy, saved = vp.forward_statistics(ctx, lambda a, b: hidden[a:b] @ weight.t(), hidden.dtype,
+                                                     weight.shape[0], labels, group, temperature, with_entropy,
+                                                     chunk_tokens)
+        ctx.save_for_backward(hidden, weight, labels, *saved)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, labels, log_partition, entropy = ctx.saved_tensors
+        if not ctx.with_entropy:
+            grad_entropy = None
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None, None
+        num_tokens, vocab_local = hidden.shape[0], weight.shape[0]
+        acc, inv_temp = log_partition.dtype, ctx.inv_temp
+        k0, k1, hit = vp.grad_coefficients(grad_logp, grad_entropy, labels, log_partition, entropy, inv_temp)
+
+        grad_weight = torch.empty_like(weight)
+        grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+        blocks = list(_vocab_blocks(num_tokens, vocab_local, ctx.chunk_tokens, hidden.device))
+        cols = max((b - a for a, b in blocks), default=0)
+        lp_buf = torch.empty((num_tokens, cols), dtype=acc, device=hidden.device)
+        p_buf = torch.empty_like(lp_buf)
+        offset = ctx.rank * vocab_local
+        for a, b in blocks:
+            w = weight[a:b]
+            index, held = vp._local_targets(labels, b - a, offset + a)
+            g = vp.logits_grad_(hidden @ w.t(), lp_buf[:, : b - a], p_buf[:, : b - a], log_partition, k0, k1,
+                                index, torch.where(held, hit, torch.zeros_like(hit)), inv_temp)
+            g = g.to(weight.dtype)  # the logits gradient in the model dtype, as the unfused path has it
+            torch.mm(g.t(), hidden, out=grad_weight[a:b])
+            if acc == weight.dtype:
+                grad_hidden.addmm_(g, w)
+            else:
+                grad_hidden += g @ w
+        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None
+
+
+def fused_logprobs_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+    sequence_parallel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected-token log-probabilities and entropies of ``hidden @ weight.T``, differentiable w.r.t. both.
+
+    Args:
+        hidden: ``[S, h]`` (or ``[S, 1, h]``) final hidden states; with ``sequence_parallel`` this rank's
+            sequence shard (S = T/P, shards in rank order), else all T tokens.
+        weight: ``[V/P, h]`` this rank's rows of the output layer (the embedding's with tied embeddings).
+        labels: ``[T]`` long global ids (shifted; < 0 = no target), every token of the micro-batch.
+        group: the tensor-parallel group; ``None`` or a group of one means TP=1 (no collective).
+        temperature: logits are divided by it.
+        chunk_tokens: tokens per forward chunk (the backward's vocabulary blocks have as many elements).
+        sequence_parallel: the hidden states are sequence-sharded over ``group`` (megatron's
+            ``config.sequence_parallel``, which it switches off at TP=1).
+    Returns:
+        ``(logp [T], entropy [T])`` fp32, identical on every rank of ``group``.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    hidden = _to_tensor_parallel_region(hidden, group, sequence_parallel)
+    if hidden.shape[0] != labels.shape[0]:
+        raise ValueError(f"fused output layer: {hidden.shape[0]} hidden-state rows (after the sequence-parallel "
+                         f"gather) but {labels.shape[0]} labels")
+    return _FusedOutputLogProbEntropy.apply(hidden, weight, labels, group, float(temperature), True,
+                                            chunk_tokens)
+
+
+def _to_tensor_parallel_region(hidden: torch.Tensor, group: Any, sequence_parallel: bool) -> torch.Tensor:
+    """What ColumnParallelLinear does to its input: all-gather from the sequence-parallel region (reduce-
+    scatter of the gradient) with SP, else the identity whose gradient is all-reduced over TP."""
+    if group is None or dist.get_world_size(group) == 1:
+        return hidden
+    from megatron.core.tensor_parallel import mappings
+
+    from trapo_megatron.megatron import platform
+
+    with platform.cuda_literals_on_cpu():
+        if sequence_parallel:
+            return mappings.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True,
+                                                                 group=group)
+        return mappings.copy_to_tensor_model_parallel_region(hidden, group=group)
+
+
+def trapo_loss_from_hidden(
+    hidden: torch.Tensor, model: Any, batch: Any, cfg: LossConfig, tp_group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`trapo_loss` of the logits that ``model``'s output layer would compute from ``hidden``, through
+    :func:`fused_logprobs_entropy`. ``model``: the (DDP-wrapped) last-stage GPTModel, whose output weight
+    (the embedding's when tied, megatron's shared_embedding_or_output_weight) and sequence-parallel setting
+    (its output layer's, off at TP=1) are used."""
+    module = getattr(model, "module", model)
+    if module.share_embeddings_and_output_weights:
+        weight = module.shared_embedding_or_output_weight()
+    else:
+        weight = module.output_layer.weight
+    logp, entropy = fused_logprobs_entropy(hidden, weight, batch["labels"], tp_group, cfg.temperature,
+                                           cfg.chunk_tokens, module.output_layer.sequence_parallel)
+    return trapo_loss_from_logprobs(logp, entropy, batch, cfg)
