@@ -74,8 +74,8 @@ def test_launch_check_uses_the_plans_numbers(capsys) -> None:
 
 def test_recompute_is_planned_as_configured() -> None:
     files = [PAPER]
-    on = plan_run(load(TrapoConfig, files, []), PRESETS["qwen2.5-math-7b"], 8, 8)
-    off = plan_run(load(TrapoConfig, files, ["model.recompute_activations=false"]), PRESETS["qwen2.5-math-7b"], 8, 8)
+    on = plan_run(load(TrapoConfig, files, ["model.recompute_activations=true"]), PRESETS["qwen2.5-math-7b"], 8, 8)
+    off = plan_run(load(TrapoConfig, files, []), PRESETS["qwen2.5-math-7b"], 8, 8)  # the preset: off
     assert on.fit.recompute and not off.config.recompute
     assert off.fit is None or not off.fit.recompute  # never silently switched on
 
