@@ -15,7 +15,9 @@
 # Facts this relies on (Slurm 22.05, munge 0.5): the daemons daemonise and write their pid files; clients
 # find the config through SLURM_CONF and munged through AuthInfo=socket=...; `scontrol requeue` needs
 # cred_expire below the default 120 s to restart a job quickly; while a step runs, its slurmstepd keeps a
-# socket NODE_JOB.STEP in the node's spool directory.
+# socket NODE_JOB.STEP in the node's spool directory. MessageTimeout is 60 s, not 10: on a loaded machine a
+# slurmd answered srun's kill of a failed step after 11 s, and slurmctld re-sent that kill a minute later,
+# when it cancelled the requeued job's new step of the same id (seen in the 2-node tests).
 #
 # NODES >= 2: a real multi-node cluster on this machine, in network namespaces of its own named and addressed
 # after DIR (trapo-<hash>-ctl, trapo-<hash>-n1 ...; 10.X.Y.0/24 exists only inside them and nothing leaves
@@ -29,7 +31,7 @@
 # processes inside these namespaces, then deletes them.
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge openssh-server openssh-client rsync)
+PACKAGES=(slurmctld slurmd slurm-client munge openssh-server openssh-client rsync iproute2)
 NODE=trapo-node
 CTLD_HOST=ctl
 
@@ -37,7 +39,8 @@ die() { echo "cluster.sh: $*" >&2; exit 1; }
 
 have_slurm() { command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
     && command -v munged >/dev/null && command -v mungekey >/dev/null && [ -x /usr/sbin/sshd ] \
-    && command -v ssh-keygen >/dev/null && command -v rsync >/dev/null; }
+    && command -v ssh-keygen >/dev/null && command -v rsync >/dev/null && command -v ip >/dev/null \
+    && command -v nsenter >/dev/null && command -v unshare >/dev/null; }
 
 install() {
     have_slurm && return 0
@@ -78,6 +81,7 @@ SwitchType=switch/none
 ReturnToService=2
 MinJobAge=300
 KillWait=30
+MessageTimeout=60
 MailProg=/bin/true
 SchedulerParameters=sched_interval=5,bf_interval=5
 StateSaveLocation=$dir/state
@@ -196,7 +200,7 @@ up() {
             in_node "$dir" "$(namespaces "$dir" | sed -n "$((i + 1))p")" "n$i" slurmd -f "$dir/slurm.conf" -N "n$i"
         done
     fi
-    if ! wait_for 30 "idle nodes" nodes_idle "$dir"; then
+    if ! wait_for 60 "idle nodes" nodes_idle "$dir"; then  # 0.3-1.6 s when idle; far more on a loaded machine
         tail "$dir"/log/slurmd*.log "$dir/log/slurmctld.log" >&2
         die "the nodes did not become idle (states: $(client "$dir" sinfo -h -o '%n %t' | tr '\n' ' '))"
     fi
