@@ -151,9 +151,9 @@ def _assert_same_tensors_as(exported: Path, original: Path) -> None:
 def test_dp2_across_nodes_requeue_then_time_limit(cluster, dp2_reference, tmp_path) -> None:
     """DP 2, TP 1, one rank per node. `scontrol requeue` after the first checkpoint: both nodes restart, resume,
     and every step equals the single-node DP 2 run's. Then a 2-minute job continues the same run: the time
-    limit's signal (Slurm's warning, or the limit's SIGTERM when the warning came before the loop) reaches the
-    rank on each node, both stop after a step with a checkpoint, and the job exits 75 (or is TIMEOUT); the steps
-before it are untouched."""
+    limit's signal (Slurm's warning, or the limit's SIGTERM when the warning came before the loop) stops the
+    ranks of both nodes after the same step with a checkpoint, and the job exits 75 (or is TIMEOUT); the steps
+    before it are untouched."""
     run_dir = tmp_path / "run"
     proc = _launch2(cluster, tmp_path, overrides=[
         DP2, f"run.max_steps={STEPS}", f"run.output_dir={run_dir}", "checkpoint.save_every=2"])
@@ -175,9 +175,11 @@ before it are untouched."""
     (job,) = job_ids(out)
     assert re.match(r"(FAILED, exit code 75:0|TIMEOUT)", ended(out, job)), ended(out, job)
     log = _log(second, f"log-*_{job}_0.out")
-    for rank in (0, 1):  # one rank per node
-        assert re.search(rf"trapo: rank {rank} received SIG(USR1|TERM)", log), log[-3000:]
-    assert log.count("every worker stopped on a signal") == 2, log[-3000:]  # the agent of each node
+    # a rank that got the signal says so; a rank whose signal came later (slurmctld signals each node on its
+    # own; seen: 7 s apart under load) has stopped already, at the same step, on the others' word (the stop
+    # is agreed collectively at each step boundary). Either way the agent of each node reports a clean stop.
+    assert re.search(r"trapo: rank [01] received SIG(USR1|TERM)", log), log[-3000:]
+    assert log.count("every worker stopped on a signal") == 2, log[-3000:]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest > f"step_{STEPS:06d}" and (run_dir / "checkpoints" / latest).is_dir(), latest
     assert {k: v for k, v in metrics(run_dir).items() if k <= STEPS} == dp2_reference
