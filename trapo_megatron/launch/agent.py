@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         torchrun(torch_flags + torchrun_args)
     except ChildFailedError as e:
         if stopped_cleanly({failure.exitcode for failure in e.failures.values()}):
+            # On several nodes the first agent to exit 75 makes srun (--kill-on-bad-exit) SIGTERM the others,
+            # which have stopped too and are on their way out; at interpreter exit Python restores SIGTERM's
+            # default action, and the SIGTERM then killed an agent after this line (seen: job exit code 143, not
+            # 75, on two nodes). Ignored from here on: the agent's exit code is the stop's.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print(f"trapo agent: every worker stopped on a signal after a checkpoint (exit {EXIT_STOPPED})",
                   file=sys.stderr, flush=True)
             return EXIT_STOPPED
