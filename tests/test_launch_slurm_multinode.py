@@ -177,9 +177,10 @@ def test_dp2_across_nodes_requeue_then_time_limit(cluster, dp2_reference, tmp_pa
     log = _log(second, f"log-*_{job}_0.out")
     # a rank that got the signal says so; a rank whose signal came later (slurmctld signals each node on its
     # own; seen: 7 s apart under load) has stopped already, at the same step, on the others' word (the stop
-    # is agreed collectively at each step boundary). Either way the agent of each node reports a clean stop.
+    # is agreed collectively at each step boundary). The first node's agent to exit 75 reports the clean stop
+    # and makes srun end the other node's task, which may by then be past its own report (seen both ways).
     assert re.search(r"trapo: rank [01] received SIG(USR1|TERM)", log), log[-3000:]
-    assert log.count("every worker stopped on a signal") == 2, log[-3000:]
+    assert "every worker stopped on a signal" in log, log[-3000:]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest > f"step_{STEPS:06d}" and (run_dir / "checkpoints" / latest).is_dir(), latest
     assert {k: v for k, v in metrics(run_dir).items() if k <= STEPS} == dp2_reference
