@@ -4,7 +4,6 @@ import importlib.util
 import os
 import subprocess
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -28,19 +27,15 @@ def slurm_cluster():
     """A single-node Slurm cluster for the whole session (tools/slurm/cluster.sh), torn down at the end.
     Skips, with the reason, only where the packages cannot be installed; TRAPO_REQUIRE_SLURM=1 (CI) makes
     that a failure instead."""
-    script = Path(__file__).resolve().parents[1] / "tools" / "slurm" / "cluster.sh"
-    install = subprocess.run(["bash", str(script), "install"], check=False, capture_output=True, text=True,
-                             timeout=600)
-    if install.returncode != 0:
-        reason = f"no Slurm here and it cannot be installed: {install.stderr.strip()}"
-        if os.environ.get("TRAPO_REQUIRE_SLURM") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    from _slurm_helpers import CLUSTER_SH as script
+    from _slurm_helpers import require_slurm
+
+    require_slurm()
     state = tempfile.mkdtemp(prefix="trapo-slurm-")
-    subprocess.run(["bash", str(script), "up", state], check=True, timeout=120)
     previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = f"{state}/slurm.conf"
     try:
+        subprocess.run(["bash", str(script), "up", state], check=True, timeout=120)  # a failed `up` is torn down too
+        os.environ["SLURM_CONF"] = f"{state}/slurm.conf"
         yield state
     finally:
         subprocess.run(["bash", str(script), "down", state], check=True, timeout=180)
@@ -49,3 +44,12 @@ def slurm_cluster():
         else:
             os.environ["SLURM_CONF"] = previous
 
+
+
+@pytest.fixture(scope="session")
+def slurm_reference(slurm_cluster, tmp_path_factory) -> dict[int, dict]:
+    """The uninterrupted single-node tiny run on the session's cluster (tests/_slurm_helpers.py): the oracle of
+    the single- and the multi-node Slurm tests, computed once."""
+    from _slurm_helpers import reference_run
+
+    return reference_run(tmp_path_factory.mktemp("reference"))

@@ -49,9 +49,10 @@ def test_slurm_dryrun_32b(capsys) -> None:
     assert "#SBATCH --nodes=4" in script
     assert "#SBATCH --ntasks-per-node=1" in script  # one torchrun per node ...
     assert "#SBATCH --gpus-per-node=8" in script
-    # ... through the stop-signal agent, starting 8 ranks each, rendezvous on the first node
-    assert re.search(r" python -m trapo_megatron.launch.agent --stop-signal=SIGUSR1 --nnodes 4 --nproc-per-node 8 "
-                     r".*--rdzv-endpoint \$head_node_ip:29500 --rdzv-id \$SLURM_JOB_ID", script)
+    # ... through the stop-signal agent, starting 8 ranks each, rendezvous on the first node, the node rank
+    # from each task's own SLURM_NODEID (the script's $SLURM_NODEID would be the batch shell's: 0 everywhere)
+    assert re.search(r" python -m trapo_megatron.launch.agent --stop-signal=SIGUSR1 --node-rank-from=SLURM_NODEID "
+                     r"--nnodes 4 --nproc-per-node 8 --master-addr \$head_node_ip --master-port 29500 ", script)
     assert "#SBATCH --signal=USR1@300" in script and "#SBATCH --time=48:00:00" in script
     assert "#SBATCH --account=acct" in script and "#SBATCH --partition=batch" in script
     assert f"--container-image {IMAGE}" in script
@@ -113,6 +114,33 @@ def test_cluster_knobs_reach_the_script(capsys, monkeypatch) -> None:
     assert "export TORCHX_MAX_RETRIES=3" in script
     assert "s3cr3t-value" not in script  # the secret travels by name only
     assert '[ -n "${WANDB_API_KEY+set}" ] ||' in script  # the job stops at once when it did not arrive
+
+
+def test_two_cpu_nodes_one_rank_each_and_the_network_knobs_by_name(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")
+    monkeypatch.setenv("NCCL_IB_HCA", "mlx5_0")
+    script = _sbatch(capsys, "--recipe", "tiny-cpu", "--executor", "slurm", "--nodes", "2", "--nproc-per-node", "1",
+                     "--dryrun")
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --cpus-per-task=1" in script
+    assert "--nnodes 2 --nproc-per-node 1 --master-addr $head_node_ip" in script
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_IB_HCA"):  # names, never values
+        assert f'[ -n "${{{name}+set}}" ] ||' in script
+    assert "ib0" not in script and "mlx5_0" not in script and "#SBATCH --export=ALL" in script
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--task", "eval", "--nodes", "2"], "--nodes 2: --task eval runs one process on one node"),
+    (["--recipe", "qwen2.5-32b", "--nproc-per-node", "4"], "--nproc-per-node 4: a GPU job runs one rank per GPU"),
+    (["--recipe", "tiny-cpu", "--nodes", "3", "--nproc-per-node", "1"],
+     "3 node(s) x 1 rank(s) per node = 3 ranks is not a multiple of TP x PP = 2 x 1"),
+    (["--recipe", "tiny-cpu", "--nodes", "2", "--nproc-per-node", "1", "--", "engine.tensor_parallel_size=2"],
+     "engine.tensor_parallel_size=2 does not divide the 1 rank(s) per node"),
+])
+def test_nodes_are_checked_against_the_task_and_layout(argv, message, capsys) -> None:
+    """Exit 2 before anything is built or submitted, naming the flag or key."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    assert cli.main([*argv[:cut], "--executor", "slurm", "--dryrun", *argv[cut:]]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_nemo_run_errors_exit_1(tmp_path, capsys, monkeypatch) -> None:

@@ -99,3 +99,21 @@ def test_agent_reads_a_graceful_stop_from_the_workers_exit_codes() -> None:
 
     assert stopped_cleanly({75}) and stopped_cleanly({75, -15})
     assert not stopped_cleanly({-15}) and not stopped_cleanly({75, 1}) and not stopped_cleanly({1})
+
+
+def test_agent_gives_torchrun_the_node_rank_of_its_own_task(monkeypatch) -> None:
+    """On several nodes the job script cannot pass each node its rank ($SLURM_NODEID expands in the batch shell,
+    0 everywhere): the agent reads it from its task's environment, and refuses a missing or odd value."""
+    import torch.distributed.run
+
+    from trapo_megatron.launch import agent
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(agent, "protect", lambda names: [])  # no signal handlers in the test process
+    monkeypatch.setattr(torch.distributed.run, "main", seen.append)
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    assert agent.main(["--node-rank-from", "SLURM_NODEID", "--nnodes", "2", "-m", "x"]) == 0
+    assert seen == [["--node-rank", "1", "--nnodes", "2", "-m", "x"]]
+    monkeypatch.setenv("SLURM_NODEID", "n1")
+    with pytest.raises(SystemExit):
+        agent.main(["--node-rank-from", "SLURM_NODEID", "-m", "x"])

@@ -1,19 +1,16 @@
 """`trapo launch --executor slurm` against a real single-node Slurm cluster (tools/slurm/cluster.sh), no
 container: the tiny CPU recipe (torchrun with 2 ranks, TP=2 over gloo) submitted through sbatch/srun from
 this machine as the login node. The oracle of every interrupted run is an uninterrupted run of the same
-config: with fixed seeds on CPU every step's metrics must be equal.
+config (conftest.py's slurm_reference): with fixed seeds on CPU every step's metrics must be equal.
 
 Budget: the whole file is a few minutes on 2 cores (the runs are short; a requeued job waits ~14 s).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,63 +19,13 @@ pytest.importorskip("nemo_run", reason="the launch extra (nemo-run) is not insta
 
 pytestmark = [pytest.mark.launch, pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 
-NUM_STEPS = 40
-"""Steps of the reference run: long enough that a 1-minute job cannot finish it."""
-RUN = ["run.prompts_per_step=8", "run.progress=false", "evaluation.path=null", "reward.num_workers=1",
-       "checkpoint.export_hf=false", "optimizer.lr_schedule=constant"]
-"""The tiny config, small and fast; a constant LR and no held-out evaluation make step k's metrics
-independent of run.max_steps, so a shorter run is checked against the reference's first steps."""
-NOT_COMPARED = re.compile(r"^time_|^tokens_per_s$")
-"""Wall-clock metrics differ between any two runs."""
+from _slurm_helpers import NUM_STEPS, ended, finish, job_ids, launch, metrics, wait_for
 
 
-def _launch(tmp: Path, *flags: str, overrides: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`trapo launch` in its own process (as a user runs it), its output in tmp/launch.log."""
-    log = (tmp / "launch.log").open("w")
-    cmd = [sys.executable, "-m", "trapo_megatron.launch", "--recipe", "tiny-cpu", "--executor", "slurm",
-           "--job-dir", str(tmp / "nemorun"), *flags, "--", *RUN, *overrides]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                            env=env)
-
-
-def _finish(proc: subprocess.Popen, tmp: Path, timeout: float = 800) -> tuple[int, str]:
-    rc = proc.wait(timeout=timeout)
-    return rc, (tmp / "launch.log").read_text()
-
-
-def _metrics(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if not NOT_COMPARED.match(k)} for r in rows}
-
-
-def _job_ids(text: str) -> list[str]:
-    match = re.search(r"submitted job\(s\) ([\d, ]+)", text)
-    assert match, text[-3000:]
-    return [j.strip() for j in match.group(1).split(",")]
-
-
-def _ended(text: str, job_id: str) -> str:
-    match = re.search(rf"job {job_id} ended (.*)", text)
-    assert match, text[-3000:]
-    return match.group(1)
-
-
-@pytest.fixture(scope="module")
-def reference(slurm_cluster, tmp_path_factory) -> dict[int, dict]:
-    """An uninterrupted run, submitted and followed by `trapo launch` (also the run-to-completion test)."""
-    tmp = tmp_path_factory.mktemp("reference")
-    run_dir = tmp / "run"
-    rc, out = _finish(_launch(tmp, overrides=[f"run.max_steps={NUM_STEPS}", f"run.output_dir={run_dir}",
-                                              "checkpoint.save_every=20"]), tmp)
-    assert rc == 0, out[-5000:]
-    (job,) = _job_ids(out)
-    assert _ended(out, job).startswith("COMPLETED, exit code 0:0"), out[-3000:]
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == ["latest", "step_000020", f"step_{NUM_STEPS:06d}"]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{NUM_STEPS:06d}"
-    metrics = _metrics(run_dir)
-    assert sorted(metrics) == list(range(1, NUM_STEPS + 1))  # no held-out evaluation: no step-0 row
-    return metrics
+@pytest.fixture
+def reference(slurm_reference) -> dict[int, dict]:
+    """The session's uninterrupted single-node run (conftest.py), shared with the multi-node tests."""
+    return slurm_reference
 
 
 def test_slurm_run_completes(reference) -> None:
@@ -88,36 +35,28 @@ def test_slurm_run_completes(reference) -> None:
 
 def test_slurm_failed_job_fails_the_launch_with_the_reason(slurm_cluster, tmp_path) -> None:
     missing = tmp_path / "no-such-data.jsonl"
-    rc, out = _finish(_launch(tmp_path, overrides=["run.max_steps=2", f"run.output_dir={tmp_path / 'run'}",
+    rc, out = finish(launch(tmp_path, overrides=["run.max_steps=2", f"run.output_dir={tmp_path / 'run'}",
                                                    f"data.path={missing}"]), tmp_path)
     assert rc == 1, out[-3000:]
-    (job,) = _job_ids(out)
-    ended = _ended(out, job)
-    assert ended.startswith("FAILED, exit code ") and not ended.startswith("FAILED, exit code 0:0"), ended
+    (job,) = job_ids(out)
+    state = ended(out, job)
+    assert state.startswith("FAILED, exit code ") and not state.startswith("FAILED, exit code 0:0"), state
     assert str(missing) in out.split(f"job {job} ended")[1], out[-3000:]  # the trainer's error, in the log tail
-
-
-def _wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"trapo launch ended before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def test_scontrol_requeue_restarts_and_resumes_exactly(slurm_cluster, reference, tmp_path) -> None:
     """`scontrol requeue` of the running job after its first checkpoint: it restarts by itself (same job id),
     resumes from the checkpoint, and every step's metrics equal the uninterrupted run's."""
     steps, run_dir = 8, tmp_path / "run"
-    proc = _launch(tmp_path, overrides=[f"run.max_steps={steps}", f"run.output_dir={run_dir}",
+    proc = launch(tmp_path, overrides=[f"run.max_steps={steps}", f"run.output_dir={run_dir}",
                                         "checkpoint.save_every=2"])
-    _wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file(), "the first checkpoint", proc)
-    (job,) = _job_ids((tmp_path / "launch.log").read_text())
+    wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file(), "the first checkpoint", proc)
+    (job,) = job_ids((tmp_path / "launch.log").read_text())
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
-    rc, out = _finish(proc, tmp_path)
+    rc, out = finish(proc, tmp_path)
     assert rc == 0, out[-5000:]
     assert re.search(rf"job {job} ended COMPLETED, exit code 0:0, 1 restart", out), out[-3000:]
-    resumed = _metrics(run_dir)
+    resumed = metrics(run_dir)
     assert sorted(resumed) == list(range(1, steps + 1))
     assert resumed[1] == reference[1]  # logged before the requeue, kept by the resumed run
     assert resumed == {k: reference[k] for k in range(1, steps + 1)}
@@ -142,43 +81,43 @@ def test_time_limit_signal_checkpoints_and_the_chained_job_finishes(slurm_cluste
     advances by one step (seen: 29 steps, then 1); ``--chain`` itself is run in the next test."""
     run_dir = tmp_path / "run"
     overrides = [f"run.max_steps={NUM_STEPS}", f"run.output_dir={run_dir}", "checkpoint.save_every=0"]
-    proc = _launch(tmp_path, "--time", "1", "--signal", "USR1@50", overrides=overrides)
-    _wait_for(lambda: "submitted job(s)" in (tmp_path / "launch.log").read_text(), "the first job's id", proc)
-    (first,) = _job_ids((tmp_path / "launch.log").read_text())
+    proc = launch(tmp_path, "--time", "1", "--signal", "USR1@50", overrides=overrides)
+    wait_for(lambda: "submitted job(s)" in (tmp_path / "launch.log").read_text(), "the first job's id", proc)
+    (first,) = job_ids((tmp_path / "launch.log").read_text())
     second = tmp_path / "second"
     second.mkdir()
-    chained = _launch(second, "--after", first, overrides=overrides)  # queued behind the running job
-    rc, out = _finish(proc, tmp_path)
+    chained = launch(second, "--after", first, overrides=overrides)  # queued behind the running job
+    rc, out = finish(proc, tmp_path)
     assert rc != 0, out[-5000:]  # a stopped job is not a completed one
-    assert re.match(r"(FAILED, exit code 75:0|TIMEOUT)", _ended(out, first)), _ended(out, first)
+    assert re.match(r"(FAILED, exit code 75:0|TIMEOUT)", ended(out, first)), ended(out, first)
     logs = Path(tmp_path / "nemorun").rglob(f"log-*_{first}_0.out")
     assert any("every worker stopped on a signal" in p.read_text() for p in logs), "job 1 did not stop on a signal"
-    rc, out = _finish(chained, second)
+    rc, out = finish(chained, second)
     assert rc == 0, out[-5000:]
-    (job,) = _job_ids(out)
-    assert _ended(out, job).startswith("COMPLETED, exit code 0:0"), out[-3000:]
+    (job,) = job_ids(out)
+    assert ended(out, job).startswith("COMPLETED, exit code 0:0"), out[-3000:]
     assert _times(job)[0] >= _times(first)[1]  # Slurm held it until the first job had ended
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert len(saved) == 2 and saved[0] < saved[1] == f"step_{NUM_STEPS:06d}", saved  # the stop's, the end's
-    assert _metrics(run_dir) == reference
+    assert metrics(run_dir) == reference
 
 
 def test_chain_links_run_one_after_the_other_and_resume(slurm_cluster, reference, tmp_path) -> None:
     """`--chain 2` of a 4-step run: the first link runs it through; the second starts only once the first has
     ended (afterany), resumes from its last checkpoint and finds nothing left to do (no step, no re-export)."""
     run_dir = tmp_path / "run"
-    rc, out = _finish(_launch(tmp_path, "--chain", "2", overrides=[
+    rc, out = finish(launch(tmp_path, "--chain", "2", overrides=[
         "run.max_steps=4", f"run.output_dir={run_dir}", "checkpoint.save_every=2"]), tmp_path)
     assert rc == 0, out[-5000:]
-    first, second = _job_ids(out)
+    first, second = job_ids(out)
     for job in (first, second):
-        assert _ended(out, job).startswith("COMPLETED, exit code 0:0"), out[-3000:]
+        assert ended(out, job).startswith("COMPLETED, exit code 0:0"), out[-3000:]
     assert _times(second)[0] >= _times(first)[1]
     (log,) = Path(tmp_path / "nemorun").rglob(f"log-*_{second}_0.out")
     text = log.read_text()
     assert f"resuming from {run_dir / 'checkpoints' / 'step_000004'} (step 4)" in text, text[-3000:]
     assert "nothing to do" in text, text[-3000:]
-    assert _metrics(run_dir) == {k: reference[k] for k in range(1, 5)}
+    assert metrics(run_dir) == {k: reference[k] for k in range(1, 5)}
 
 
 @pytest.fixture(scope="module")
@@ -206,20 +145,20 @@ def test_ssh_submission_reads_secrets_on_the_login_node(login_node, reference, t
     ssh = ["--ssh", target, "--ssh-identity", key]
     run_dir = tmp_path / "run"
     overrides = ["run.max_steps=2", f"run.output_dir={run_dir}", "checkpoint.save_every=0"]
-    rc, out = _finish(_launch(tmp_path, *ssh, "--env-from-host", "TRAPO_ONLY_HERE", overrides=overrides, env=env),
+    rc, out = finish(launch(tmp_path, *ssh, "--env-from-host", "TRAPO_ONLY_HERE", overrides=overrides, env=env),
                       tmp_path)
     assert rc == 2, out[-3000:]
     assert "--env-from-host TRAPO_ONLY_HERE: not set in the sessions of the login node" in out, out[-3000:]
     assert "submitted job" not in out
-    rc, out = _finish(_launch(tmp_path, *ssh, "--env-from-host", "TRAPO_LOGIN_TOKEN", overrides=overrides, env=env),
+    rc, out = finish(launch(tmp_path, *ssh, "--env-from-host", "TRAPO_LOGIN_TOKEN", overrides=overrides, env=env),
                       tmp_path)
     assert rc == 0, out[-5000:]
-    (job,) = _job_ids(out)
-    assert _ended(out, job).startswith("COMPLETED, exit code 0:0"), out[-3000:]
+    (job,) = job_ids(out)
+    assert ended(out, job).startswith("COMPLETED, exit code 0:0"), out[-3000:]
     job_files = [p for p in (tmp_path / "nemorun").rglob("*") if p.is_file()]
     assert any(p.name.endswith("_sbatch.sh") for p in job_files), job_files  # rsynced to the login node's dir
     assert not any("login-secret" in p.read_text(errors="replace") for p in job_files)
-    assert _metrics(run_dir) == {k: reference[k] for k in (1, 2)}
+    assert metrics(run_dir) == {k: reference[k] for k in (1, 2)}
 
 
 def test_time_limit_signal_reaches_the_workers_through_the_agent(slurm_cluster, tmp_path, monkeypatch) -> None:

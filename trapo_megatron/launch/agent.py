@@ -1,6 +1,6 @@
 """torchrun for Slurm jobs, with the stop signals left to the trainer.
 
-    python -m trapo_megatron.launch.agent [--stop-signal SIGUSR1 ...] <torchrun arguments>
+    python -m trapo_megatron.launch.agent [--stop-signal SIGUSR1 ...] [--node-rank-from SLURM_NODEID] <torchrun arguments>
 
 Slurm warns a job before its time limit with ``--signal=USR1@N`` and ends it (limit, ``scancel``,
 ``scontrol requeue``, preemption) with SIGTERM, then SIGKILL after KillWait. Without a step-level ``B:``,
@@ -19,6 +19,10 @@ saves a checkpoint and exits with EXIT_STOPPED. Plain torchrun gets in the way t
   launcher writes it into ``TORCHELASTIC_SIGNALS_TO_HANDLE`` (torch/distributed/launcher/api.py, overwriting
   any value set before), which ``PContext.start`` reads (torch/distributed/elastic/multiprocessing/api.py).
 
+On several nodes ``--node-rank-from SLURM_NODEID`` gives torchrun ``--node-rank`` from the task's own
+environment: srun sets SLURM_NODEID per node, while a ``$SLURM_NODEID`` in the job script would expand in the
+batch shell, to 0 on every node.
+
 When every failed worker exited with EXIT_STOPPED, the agent exits with EXIT_STOPPED too (not torchrun's
 1), so the job's exit code says "stopped, resumable" and NeMo-Run's sbatch script requeues it while
 ``--retries`` lasts.
@@ -27,6 +31,7 @@ When every failed worker exited with EXIT_STOPPED, the agent exits with EXIT_STO
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -73,7 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trapo_megatron.launch.agent", add_help=False)
     parser.add_argument("--stop-signal", action="append", default=[], dest="stop_signals",
                         help="a signal the trainer stops on (repeat); SIGTERM is always one")
+    parser.add_argument("--node-rank-from", default=None, metavar="NAME",
+                        help="torchrun's --node-rank from this environment variable (e.g. SLURM_NODEID)")
     args, torchrun_args = parser.parse_known_args(argv)
+    if args.node_rank_from:
+        node_rank = os.environ.get(args.node_rank_from, "")
+        if not node_rank.isdigit():
+            parser.error(f"--node-rank-from {args.node_rank_from}: it is {node_rank or 'not set'}, not a node rank")
+        torchrun_args = ["--node-rank", node_rank, *torchrun_args]
     stop_signals = sorted({"SIGTERM", *args.stop_signals})
     bad = [s for s in stop_signals if s not in signal.Signals.__members__ or s in TORCH_HANDLED + ("SIGKILL",)]
     if bad:
@@ -89,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         torchrun(torch_flags + torchrun_args)
     except ChildFailedError as e:
         if stopped_cleanly({failure.exitcode for failure in e.failures.values()}):
+            # On several nodes the first agent to exit 75 makes srun (--kill-on-bad-exit) SIGTERM the others,
+            # which have stopped too and are on their way out; at interpreter exit Python restores SIGTERM's
+            # default action, and the SIGTERM then killed an agent after this line (seen: job exit code 143, not
+            # 75, on two nodes). Ignored from here on: the agent's exit code is the stop's.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print(f"trapo agent: every worker stopped on a signal after a checkpoint (exit {EXIT_STOPPED})",
                   file=sys.stderr, flush=True)
             return EXIT_STOPPED

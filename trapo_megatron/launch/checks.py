@@ -115,6 +115,25 @@ def check_layout(nodes: int, ranks_per_node: int, tp: int, pp: int, prompts_per_
     return dp
 
 
+def check_nodes(task: str, distributed: bool, gpus_per_node: int, nodes: int | None,
+                nproc_per_node: int | None) -> None:
+    """``--nodes`` and ``--nproc-per-node`` fit the task: several nodes only for distributed tasks, ranks per
+    node only for CPU jobs (a GPU job runs one rank per GPU)."""
+    if nodes and nodes > 1 and not distributed:
+        raise LaunchError(f"--nodes {nodes}: --task {task} runs one process on one node; drop --nodes")
+    if nproc_per_node and gpus_per_node:
+        raise LaunchError(f"--nproc-per-node {nproc_per_node}: a GPU job runs one rank per GPU "
+                          f"({gpus_per_node} per node); change --gpus-per-node instead")
+
+
+def check_replicas_per_node(nodes: int, ranks_per_node: int, engine_tp: int) -> None:
+    """On several nodes every engine replica (``engine.tensor_parallel_size`` consecutive ranks) stays inside one
+    node: a replica across nodes would run its tensor-parallel generation over the network."""
+    if nodes > 1 and ranks_per_node % engine_tp:
+        raise LaunchError(f"engine.tensor_parallel_size={engine_tp} does not divide the {ranks_per_node} rank(s) "
+                          f"per node: an engine replica would span nodes; choose an engine TP that divides it")
+
+
 def check_memory(cfg: Any, spec: Any, gpu: str, nodes: int, gpus_per_node: int) -> str | None:
     """The planner's verdict on the run ``cfg`` configures (plan/run.py, the same translation as `trapo plan
     --config`): None when it fits with headroom, else a one-line warning."""

@@ -24,6 +24,7 @@ from trapo_megatron.launch import checks
 from trapo_megatron.launch.checks import LaunchError
 from trapo_megatron.launch.recipes import (
     IMAGE_CODE_DIR,
+    NETWORK_ENV,
     PACKAGED_CODE_DIR,
     RECIPES,
     TASKS,
@@ -66,7 +67,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", default="h100-80gb", help="GPU type for the memory check (`trapo plan --gpu`)")
     parser.add_argument("--name", default=None, help="experiment name (default <recipe or config>-<task>)")
     parser.add_argument("--nproc-per-node", type=int, default=None,
-                        help="local: processes for distributed tasks (default: the recipe's)")
+                        help="processes per node for distributed tasks, locally and on Slurm for CPU recipes "
+                             "(default: the recipe's; GPU jobs run one per GPU)")
     parser.add_argument("--code-dir", default=None,
                         help=f"where the repo (its configs) is for the job; default: this checkout locally and "
                              f"on Slurm without a container, {IMAGE_CODE_DIR} (the image's copy) in one")
@@ -122,6 +124,13 @@ def _pairs(flag: str, pairs: list[str]) -> dict[str, str]:
             raise LaunchError(f"{flag} {pair!r} must look like KEY=VALUE")
         out[key] = value
     return out
+
+
+def _from_host(names: list[str], over_ssh: bool) -> list[str]:
+    """The ``--env-from-host`` names, then the network knobs set here (NETWORK_ENV) when sbatch runs here
+    (over ssh the login node's session is what the job inherits: name them with --env-from-host)."""
+    network = [] if over_ssh else sorted(n for n in os.environ if NETWORK_ENV.fullmatch(n) and n not in names)
+    return [*names, *network]
 
 
 @dataclass
@@ -185,6 +194,7 @@ def _check_train(args: argparse.Namespace, recipe: Recipe, code_dir: str, cluste
     """Load the config here, run the pre-submit checks; returns the path overrides to add and the recipe
     (without --recipe: the config's own layout, TP x PP local processes)."""
     from trapo_megatron.config import ConfigError
+    from trapo_megatron.train.config import engine_tensor_parallel_size
     from trapo_megatron.train_cli import load_config
 
     layout = recipe.overrides() if args.recipe else []
@@ -201,9 +211,9 @@ def _check_train(args: argparse.Namespace, recipe: Recipe, code_dir: str, cluste
     if cluster is None:
         nodes, gpus, per_node = 1, 0, args.nproc_per_node or recipe.nproc_per_node
     else:
-        nodes, gpus = cluster.nodes or recipe.nodes, cluster.gpus_per_node or recipe.gpus_per_node
-        per_node = gpus or recipe.nproc_per_node
+        nodes, gpus, per_node = cluster.layout(TASKS[args.task], recipe)
     checks.check_layout(nodes, per_node, tp, pp, cfg.run.prompts_per_step)
+    checks.check_replicas_per_node(nodes, per_node, engine_tensor_parallel_size(cfg))
     if gpus:
         _check_memory(args, cfg, recipe, nodes, gpus)
     if container:
@@ -252,8 +262,8 @@ def plan_launch(args: argparse.Namespace) -> Plan:
         try:
             cluster = ClusterSettings(
                 account=args.account or "", partition=args.partition, time=args.time, nodes=args.nodes,
-                gpus_per_node=args.gpus_per_node, container_image=args.container_image, mounts=args.mount,
-                env=env, env_from_host=args.env_from_host, job_dir=args.job_dir, ssh=args.ssh,
+                gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node, container_image=args.container_image, mounts=args.mount,
+                env=env, env_from_host=_from_host(args.env_from_host, over_ssh), job_dir=args.job_dir, ssh=args.ssh,
                 ssh_identity=args.ssh_identity,
                 package_code=shipped, python=args.python, qos=args.qos, gres=args.gres, mem=args.mem,
                 constraint=args.constraint, exclude=args.exclude, srun_args=args.srun_args,
@@ -262,6 +272,8 @@ def plan_launch(args: argparse.Namespace) -> Plan:
                 additional_parameters=_pairs("--additional-parameter", args.additional_parameter))
         except ValueError as e:
             raise LaunchError(str(e)) from None
+        checks.check_nodes(args.task, task.distributed, cluster.layout(task, recipe)[1], args.nodes,
+                           args.nproc_per_node)
     in_container = bool(cluster and cluster.container_image)
     default_dir = PACKAGED_CODE_DIR if shipped and in_container else IMAGE_CODE_DIR if in_container else str(REPO_ROOT)
     code_dir = args.code_dir or default_dir

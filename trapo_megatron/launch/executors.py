@@ -30,6 +30,7 @@ from trapo_megatron.launch.checks import SlurmSignal, parse_signal, parse_time
 from trapo_megatron.launch.recipes import (
     DEFAULT_ENV,
     IMAGE_CODE_DIR,
+    RENDEZVOUS_PORT,
     TASKS,
     ClusterSettings,
     Recipe,
@@ -73,14 +74,6 @@ def tunnel(cluster: ClusterSettings) -> Any:
     return run.LocalTunnel(job_dir=os.path.join(os.path.abspath(run.config.get_nemorun_home()), "experiments"))
 
 
-def slurm_layout(task: Task, recipe: Recipe, cluster: ClusterSettings) -> tuple[int, int, int]:
-    """(nodes, GPUs per node, ranks per node) of the job: one node for single-process tasks; CPU recipes
-    (0 GPUs) run their processes per node on CPUs."""
-    gpus = cluster.gpus_per_node or recipe.gpus_per_node
-    nodes = (cluster.nodes or recipe.nodes) if task.distributed else 1
-    return nodes, gpus, (gpus or recipe.nproc_per_node) if task.distributed else 1
-
-
 def slurm_task(task: Task, args: list[str], recipe: Recipe, cluster: ClusterSettings,
                stop_signal: SlurmSignal | None) -> run.Script:
     """The job's command. Distributed tasks run torchrun through :mod:`trapo_megatron.launch.agent`, one per
@@ -88,12 +81,19 @@ def slurm_task(task: Task, args: list[str], recipe: Recipe, cluster: ClusterSett
     python = cluster.python or ("python" if cluster.container_image else sys.executable)
     if not task.distributed:
         return run.Script(path=task.module, m=True, entrypoint=python, args=list(args))
-    nodes, _, per_node = slurm_layout(task, recipe, cluster)
-    # nemo-run joins the arguments unquoted into the sbatch script: $variables expand in the job
-    endpoint = "localhost:0" if nodes == 1 else f"${run.SlurmExecutor.HEAD_NODE_IP_VAR}:29500"
+    nodes, _, per_node = cluster.layout(task, recipe)
     agent = [f"--stop-signal={stop_signal.name}"] if stop_signal and task.stops_on_signal else []
-    torchrun = ["--nnodes", str(nodes), "--nproc-per-node", str(per_node), "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", endpoint, "--rdzv-id", "$SLURM_JOB_ID", "--max-restarts", "0"]
+    if nodes == 1:
+        rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--rdzv-id", "$SLURM_JOB_ID"]
+    else:
+        # torchrun's static rendezvous on the first node, whose address NeMo-Run's script looks up
+        # ($head_node_ip), every node at the rank Slurm gave it. The arguments are joined unquoted into the
+        # sbatch script: $variables expand in the batch shell, the same on every node, so the node rank is
+        # read by the agent from the environment srun gives each task (SLURM_NODEID).
+        agent.append("--node-rank-from=SLURM_NODEID")
+        rendezvous = ["--master-addr", f"${run.SlurmExecutor.HEAD_NODE_IP_VAR}", "--master-port",
+                      str(RENDEZVOUS_PORT)]
+    torchrun = ["--nnodes", str(nodes), "--nproc-per-node", str(per_node), *rendezvous, "--max-restarts", "0"]
     return run.Script(path="trapo_megatron.launch.agent", m=True, entrypoint=python,
                       args=[*agent, *torchrun, "-m", task.module, *args])
 
@@ -103,7 +103,7 @@ def slurm_executor(task: Task, recipe: Recipe, cluster: ClusterSettings,
     """A Slurm job: the recipe's nodes (one node for single-process tasks), one task per node, the GPUs
     (or CPUs) of every node, in the container when there is one, with the mounts, the environment, the
     requeue budget and the warning signal."""
-    nodes, gpus, per_node = slurm_layout(task, recipe, cluster)
+    nodes, gpus, per_node = cluster.layout(task, recipe)
     env = {**DEFAULT_ENV, **({} if gpus else {"OMP_NUM_THREADS": "1"}), **cluster.env}
     extra = dict(cluster.additional_parameters)
     # names only: the job inherits the values from sbatch's environment (--export=ALL), and stops at once

@@ -105,6 +105,13 @@ DEFAULT_ENV: dict[str, str] = {
 }
 
 
+NETWORK_ENV = re.compile(r"GLOO_SOCKET_IFNAME|NCCL_SOCKET_IFNAME|NCCL_IB_\w+")
+"""Network knobs of a multi-node job (which interface gloo and NCCL bind, which InfiniBand HCAs, GID index...):
+set where `trapo launch` runs, they are passed to the job by name, as ``--env-from-host`` names are."""
+
+RENDEZVOUS_PORT = 29500
+"""torchrun's port on the first node of a multi-node job (every node connects to it)."""
+
 RESUME = "checkpoint.resume=true"
 """Launched runs resume from <run.output_dir>/checkpoints/latest when it exists (a requeued or chained job
 continues; a fresh run starts at step 0); an explicit override after it wins."""
@@ -143,6 +150,8 @@ class ClusterSettings:
     """Nodes; the recipe's when None."""
     gpus_per_node: int | None = None
     """GPUs per node; the recipe's when None."""
+    nproc_per_node: int | None = None
+    """Ranks per node of a CPU recipe (0 GPUs); the recipe's when None. GPU jobs run one rank per GPU."""
     container_image: str = ""
     """Container image (enroot/pyxis), built from this repo's Dockerfile; "": run on the node's own
     filesystem with ``python`` (this checkout and this interpreter, on a shared filesystem)."""
@@ -191,7 +200,7 @@ class ClusterSettings:
     then resumes; "": none."""
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "gpus_per_node"):
+        for name in ("nodes", "gpus_per_node", "nproc_per_node"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -221,6 +230,14 @@ class ClusterSettings:
             raise ValueError("--ssh-identity needs --ssh")
         if self.ssh and not self.job_dir:
             raise ValueError("--ssh needs --job-dir: an absolute directory on the cluster for the job's files")
+
+    def layout(self, task: Task, recipe: Recipe) -> tuple[int, int, int]:
+        """(nodes, GPUs per node, ranks per node) of the job: one node for single-process tasks; CPU recipes
+        (0 GPUs) run their processes per node on CPUs."""
+        gpus = self.gpus_per_node or recipe.gpus_per_node
+        if not task.distributed:
+            return 1, gpus, 1
+        return self.nodes or recipe.nodes, gpus, gpus or self.nproc_per_node or recipe.nproc_per_node
 
     @property
     def ssh_target(self) -> tuple[str, str, int | None]:

@@ -168,3 +168,8 @@ class TrapoConfig:
         if self.loss.temperature != self.rollout.temperature:
             raise ValueError(f"loss.temperature={self.loss.temperature} must equal rollout.temperature="
                              f"{self.rollout.temperature}: the trained log-probs are of the sampled distribution")
+
+
+def engine_tensor_parallel_size(cfg: TrapoConfig) -> int:
+    """The engine's TP: engine.tensor_parallel_size, the trainer's TP when unset (also read by `trapo launch`)."""
+    return cfg.engine.tensor_parallel_size or cfg.parallel.tensor_model_parallel_size

@@ -26,7 +26,7 @@ from trapo_megatron.megatron.offload import TrainingStateOffload
 from trapo_megatron.megatron.policy import MegatronPolicy
 from trapo_megatron.rollout.replicas import ReplicaLayout, new_replica_group
 from trapo_megatron.rollout.service import ReplicaScorer, RolloutService
-from trapo_megatron.train.config import TrapoConfig
+from trapo_megatron.train.config import TrapoConfig, engine_tensor_parallel_size
 from trapo_megatron.train.sampler import StepSampler
 
 
@@ -82,10 +82,6 @@ def _load(cfg: TrapoConfig, data_path: str | None, tokenizer: Any, limit: int | 
     data_cfg = replace(cfg.data, path=data_path, max_rows=limit if limit is not None else cfg.data.max_rows)
     report = Path(cfg.run.output_dir) / f"data_report{'_heldout' if heldout else ''}.json"
     return load_for_run(data_cfg, cfg.prompt, tokenizer, report if dist.get_rank() == 0 else None, not heldout)
-
-
-def engine_tensor_parallel_size(cfg: TrapoConfig) -> int:
-    return cfg.engine.tensor_parallel_size or cfg.parallel.tensor_model_parallel_size
 
 
 def _make_engine(cfg: TrapoConfig, layout: ReplicaLayout, group: Any) -> Any:
