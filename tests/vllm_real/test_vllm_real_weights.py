@@ -1,7 +1,7 @@
 """Our live weight stream into vLLM's OWN models, real vllm 0.33.0 on CPU over gloo (world 2).
 
 A Megatron model at TP=2 or PP=2 holds a Hugging Face checkpoint; the tensors ``iter_hf_weights`` yields go,
-through the engine's ``engine_stream`` filter, into vLLM's Qwen2 / Llama ``load_weights`` at vLLM TP=2
+through the engine's ``engine_stream`` filter, into vLLM's Qwen2 / Llama / Qwen3 ``load_weights`` at vLLM TP=2
 (vLLM shards the full tensors itself). Then every vLLM parameter shard equals the HF tensor(s) it came from
 (fused qkv / gate_up, row- and vocab-parallel cuts computed here from the HF state dict), and vLLM's logits
 (paged attention swapped for SDPA, see _vllm_real) equal the Megatron policy's at TP=2 and transformers' at
@@ -14,8 +14,10 @@ from _convert_helpers import full_logits, hf_model, input_ids, save_hf
 from trapo_megatron.testing import run_distributed
 
 TOL = 1e-4
-# (family, tied, Megatron layout): both families, tied and untied, TP=2 and PP=2.
-CASES = [("qwen2", False, "tp"), ("llama", True, "tp"), ("qwen2", True, "pp"), ("llama", False, "pp")]
+# (family, tied, Megatron layout): the families, tied and untied, TP=2 and PP=2 (Qwen3: q_norm / k_norm,
+# head_dim != hidden / heads).
+CASES = [("qwen2", False, "tp"), ("llama", True, "tp"), ("qwen2", True, "pp"), ("llama", False, "pp"),
+         ("qwen3", False, "tp")]
 
 
 def expected_shard(name: str, hf: dict[str, torch.Tensor], rank: int, tp: int, rows: int) -> torch.Tensor:
@@ -88,7 +90,7 @@ def _worker(rank, world_size, cases, ids):
 
 
 def test_stream_loads_through_vllm_models(tmp_path):
-    ids = input_ids(96, batch=2, seq=9)
+    ids = input_ids(96, batch=2)  # a length TP divides: Megatron runs sequence parallelism at TP 2
     cases = []
     for family, tied, layout in CASES:
         model = hf_model(family, tied)
@@ -100,7 +102,8 @@ def test_stream_loads_through_vllm_models(tmp_path):
     # Workers forked from this process inherit vllm and megatron already imported (~20 s each otherwise).
     import megatron.core.models.gpt  # noqa: F401
     import vllm.model_executor.models.llama
-    import vllm.model_executor.models.qwen2  # noqa: F401
+    import vllm.model_executor.models.qwen2
+    import vllm.model_executor.models.qwen3  # noqa: F401
 
     results = run_distributed(_worker, 2, cases, ids, timeout=600, start_method="fork")
     for rank_out in results:
