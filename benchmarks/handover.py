@@ -84,8 +84,11 @@ def gathered(groups: list, positions: range, stats, layout, dp_rank: int, dp_siz
             lp = torch.zeros(len(tokens))
             start = len(r.prompt_ids) + len(r.prefix_ids) - 1
             lp[start:start + len(r.continuation_logprobs)] = torch.tensor(r.continuation_logprobs)
+            response = torch.zeros(len(tokens), dtype=torch.bool)
+            response[max(len(r.prompt_ids) - 1, 0):len(tokens) - 1] = True
             seqs.append(Sequence(tokens=tokens, labels=shift_labels(tokens), sft_mask=sft, rl_mask=rl,
-                                 advantages=torch.full((len(tokens),), next(advantages)), rollout_logprobs=lp))
+                                 advantages=torch.full((len(tokens),), next(advantages)), rollout_logprobs=lp,
+                                 response_mask=response))
         seq_groups.append(seqs)
     flat = [s for g in seq_groups for s in g]
     total = torch.zeros(3)
@@ -190,10 +193,10 @@ def main() -> None:
 def weight_stream_bytes(tp: int, pp: int) -> dict:
     """The weight stream's bytes per rank of the worst stage (analytic, convert/stream.bytes_per_rank): TP shards
     across stages now, full tensors before (what TP=1 moves across)."""
-    from trapo_megatron.convert.mapping import ModelDims
+    from trapo_megatron import model_spec
     from trapo_megatron.convert.stream import bytes_per_rank
 
-    dims = ModelDims.from_hf_config(QWEN25_32B)
+    dims = model_spec.from_hf_config(QWEN25_32B)
     now = [bytes_per_rank(dims, tp, pp, stage, 2) for stage in range(pp)]
     before = max(bytes_per_rank(dims, 1, pp, stage, 2)["across_stages"] for stage in range(pp))
     across, within = (max(n[k] for n in now) for k in ("across_stages", "within_stage"))

@@ -81,8 +81,9 @@ def _save(model, save_dir):
     dist_checkpointing.save(model[0].sharded_state_dict(), save_dir)
 
 
-def _prepare(tmp_path, family, tied, seq=9, **overrides):
-    """HF checkpoint + its converted Megatron checkpoint; the worker arguments with reference logits/state."""
+def _prepare(tmp_path, family, tied, seq=12, **overrides):
+    """HF checkpoint + its converted Megatron checkpoint; the worker arguments with reference logits/state
+    (``seq``: a length TP 2 divides, for sequence parallelism)."""
     model = hf_model(family, tied=tied, **overrides)
     hf_dir = save_hf(model, tmp_path / "hf")
     convert_hf_to_mcore(hf_dir, tmp_path / "mcore")
@@ -175,7 +176,7 @@ def test_pp2_tied_logits_and_stream(tmp_path, family, seq, overrides, stages):
 def _tp2pp2_worker(rank, world_size, cfg, hf_dir, mcore_dir, ids, ref_logits, ref_state):
     from megatron.core import parallel_state as ps
 
-    from trapo_megatron.convert import mapping
+    from trapo_megatron import model_spec
     from trapo_megatron.convert.model_io import load_hf_into_model
     from trapo_megatron.convert.stream import bytes_per_rank
     from trapo_megatron.megatron import model_builder, platform
@@ -202,7 +203,7 @@ def _tp2pp2_worker(rank, world_size, cfg, hf_dir, mcore_dir, ids, ref_logits, re
     finally:
         dist.broadcast, dist.all_gather_into_tensor = broadcast, gather
     itemsize = next(model[0].parameters()).element_size()
-    expected = bytes_per_rank(mapping.ModelDims.from_hf_config(vars(cfg)), 2, 2, pp_rank, itemsize)
+    expected = bytes_per_rank(model_spec.from_hf_config(vars(cfg)), 2, 2, pp_rank, itemsize)
     platform.destroy()
     return {"stream": stream, "received": received, "expected": expected}
 

@@ -165,7 +165,7 @@ def _tp_full(shards: list[torch.Tensor], kinds: list[Shard], tp_group: dist.Proc
     return [local if buf is None else merge_gathered(buf, kind) for local, kind, buf in zip(shards, kinds, gathered)]
 
 
-def bytes_per_rank(dims: mapping.ModelDims, tp_size: int, pp_size: int, pp_rank: int, itemsize: int) -> dict[str, int]:
+def bytes_per_rank(dims: model_spec.ModelSpec, tp_size: int, pp_size: int, pp_rank: int, itemsize: int) -> dict[str, int]:
     """Bytes one rank of stage ``pp_rank`` receives in one pass of the stream, layers split evenly over the
     stages (the embedding on the first, final norm and output on the last; vocab unpadded): ``across_stages``
     over ``pp_group`` (another stage's TP shard of each tensor), ``within_stage`` over ``tp_group`` (the
