@@ -1,5 +1,6 @@
 """data/, reward/, the schedule and the rollout modules never import megatron, vllm or nemo_run at module
-level (vllm only inside the vLLM engine's functions). A static walk: no subprocess, no heavy imports."""
+level (vllm only inside the vLLM engine's functions), and the floors below the run never import it. A static
+walk: no subprocess, no heavy imports."""
 
 import ast
 import pathlib
@@ -46,3 +47,39 @@ def test_no_gpu_stack_at_module_level():
 def test_vllm_engine_imports_vllm_lazily():
     src = (ROOT / "rollout" / "vllm_engine.py").read_text()
     assert "import vllm" in src and "vllm" not in _module_level_imports(ast.parse(src))
+
+
+# The floors below the run: they import each other and the package root's neutral modules (faults,
+# model_spec, offload_modes, config), never the run (train/, trainer) above them.
+LOWER_FLOORS = ("algo", "convert", "data", "megatron", "reward", "rollout")
+UPPER = ("trapo_megatron.train", "trapo_megatron.trainer")
+
+
+def _trapo_imports(tree: ast.Module) -> set[str]:
+    """Every trapo_megatron module a file imports, at module level or inside a function."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            assert node.level == 0, "relative imports are not used in trapo_megatron"
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return {n for n in names if n.startswith("trapo_megatron.")}
+
+
+def _upward(name: str) -> bool:
+    return any(name == u or name.startswith(u + ".") for u in UPPER)
+
+
+def test_lower_floors_never_import_upward():
+    files = sorted(f for floor in LOWER_FLOORS for f in ROOT.glob(f"{floor}/*.py"))
+    assert len(files) >= 40
+    imports = {str(f.relative_to(ROOT)): _trapo_imports(ast.parse(f.read_text())) for f in files}
+    bad = {k: sorted(n for n in v if _upward(n)) for k, v in imports.items() if any(map(_upward, v))}
+    assert not bad, f"a lower floor imports the run above it: {bad}"
+
+
+def test_upward_import_is_caught():
+    src = "def f():\n    from trapo_megatron.train import faults\n"
+    assert {n for n in _trapo_imports(ast.parse(src)) if _upward(n)} == {
+        "trapo_megatron.train", "trapo_megatron.train.faults"}

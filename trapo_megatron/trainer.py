@@ -18,11 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from trapo_megatron import faults
 from trapo_megatron.config import to_dict
 from trapo_megatron.plot import plot_run
 from trapo_megatron.rollout.service import StepRollouts
 from trapo_megatron.train import batch as batching
-from trapo_megatron.train import faults
 from trapo_megatron.train.accounting import RewardCounters
 from trapo_megatron.train.checkpointing import Checkpointer
 from trapo_megatron.train.config import TrapoConfig

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trapo_megatron import faults
 from trapo_megatron.algo.loss import LossConfig, trapo_loss
 from trapo_megatron.megatron import fused_output, model_builder, platform, step
-from trapo_megatron.train import faults
 
 OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 

@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 import torch
 
+from trapo_megatron import faults
 from trapo_megatron.algo.masks import IGNORE_LABEL
 from trapo_megatron.data import packing
 from trapo_megatron.megatron import model_builder, platform
-from trapo_megatron.train import faults
 
 MicroBatch = dict[str, Any]
 """One packed micro-batch (data/packing.py pack_row): ``tokens`` (1, S) long, ``position_ids`` (1, S) long,

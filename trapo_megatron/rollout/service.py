@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trapo_megatron import faults
 from trapo_megatron.algo.micro_groups import MicroGroupConfig
 from trapo_megatron.data.dataset import Example
 from trapo_megatron.rollout.engine import RolloutEngine, SamplingParams
@@ -37,7 +38,6 @@ from trapo_megatron.rollout.handover import (
 )
 from trapo_megatron.rollout.replicas import ReplicaLayout, broadcast_from_leader
 from trapo_megatron.rollout.waves import RolloutConfig, Scorer, WaveStats, run_waves, stop_token_ids
-from trapo_megatron.train import faults
 
 
 class ReplicaScorer:

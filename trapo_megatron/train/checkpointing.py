@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trapo_megatron import faults
 from trapo_megatron.megatron import platform
-from trapo_megatron.train import faults
 
 LATEST = "latest"
 COMPLETE = "complete.json"
