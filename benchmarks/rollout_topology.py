@@ -30,7 +30,7 @@ def rollout_worker(rank: int, world: int, engine_tp: int, num_prompts: int, repe
     from trapo_megatron.rollout.cpu_engine import CpuEngine, ReplicaCpuEngine
     from trapo_megatron.rollout.replicas import ReplicaLayout, new_replica_group
     from trapo_megatron.rollout.service import ReplicaScorer, RolloutService
-    from trapo_megatron.train_cli import load_config
+    from trapo_megatron.train.config import load_config
 
     cfg = load_config(str(CONFIG), _asset_overrides("runs/bench") + ["reward.num_workers=1"])
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)

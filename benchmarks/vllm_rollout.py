@@ -28,8 +28,8 @@ def rollout_worker(rank: int, world: int, kind: str, num_prompts: int, repeats: 
     from trapo_megatron.reward.math_reward import MathRewardPool
     from trapo_megatron.rollout.replicas import ReplicaLayout, new_replica_group
     from trapo_megatron.rollout.service import ReplicaScorer, RolloutService
+    from trapo_megatron.train.config import load_config
     from trapo_megatron.train.setup import _make_engine
-    from trapo_megatron.train_cli import load_config
 
     dist.init_process_group("gloo")
     overrides = [f"engine.kind={kind}", "engine.tensor_parallel_size=1", "reward.num_workers=1",

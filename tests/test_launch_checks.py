@@ -82,7 +82,7 @@ def test_signal_parsing() -> None:
 
 def test_memory_check_passes_the_recipes_layout_and_names_a_bad_one() -> None:
     from trapo_megatron.plan.model import PRESETS
-    from trapo_megatron.train_cli import load_config
+    from trapo_megatron.train.config import load_config
 
     files = ["examples/qwen2.5-math-7b_trapo.yaml", "examples/qwen2.5-32b_trapo.yaml"]
     spec = PRESETS["qwen2.5-32b"]

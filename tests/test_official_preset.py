@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from trapo_megatron.config import describe
-from trapo_megatron.train.config import TrapoConfig
-from trapo_megatron.train_cli import load_config
+from trapo_megatron.train.config import TrapoConfig, load_config
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 PAPER = EXAMPLES / "qwen2.5-math-7b_trapo.yaml"

@@ -144,7 +144,8 @@ def test_a_checkpoint_with_remote_code_never_runs_it(tmp_path: Path, model_type:
     nothing in trapo passes. A known model type falls back to the built-in class, an unknown one is refused;
     the code never runs."""
     from trapo_megatron.demo import ASSETS
-    from trapo_megatron.train_cli import check_config, load_config
+    from trapo_megatron.train.config import load_config
+    from trapo_megatron.train.setup import check_config
 
     model = tmp_path / "model"
     shutil.copytree(ASSETS / "model", model)
@@ -170,7 +171,7 @@ def test_a_checkpoint_with_remote_code_never_runs_it(tmp_path: Path, model_type:
 ])
 def test_reliability_knobs_are_checked(tmp_path: Path, override: str, needle: str) -> None:
     from trapo_megatron.config import ConfigError
-    from trapo_megatron.train_cli import load_config
+    from trapo_megatron.train.config import load_config
 
     with pytest.raises(ConfigError, match=needle):
         load_config(str(CONFIG), [*tiny(tmp_path), override])

@@ -49,7 +49,7 @@ def topology_worker(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
     from trapo_megatron.megatron.policy import MegatronPolicy
     from trapo_megatron.rollout.cpu_engine import CpuEngine
     from trapo_megatron.train.batch import PER_TOKEN_KEYS
-    from trapo_megatron.train_cli import load_config
+    from trapo_megatron.train.config import load_config
     from trapo_megatron.trainer import Trainer
 
     record: dict = {}

@@ -47,7 +47,8 @@ def _wandb_history(run_file: Path) -> list[dict]:
 
 
 def train_worker(rank: int, world: int, overrides: list[str]) -> dict:
-    from trapo_megatron.train_cli import load_config, train
+    from trapo_megatron.train.config import load_config
+    from trapo_megatron.trainer import train
 
     return train(load_config(str(CONFIG), overrides))
 

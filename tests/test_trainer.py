@@ -13,7 +13,8 @@ from trapo_megatron.demo import CONFIG, _asset_overrides
 from trapo_megatron.testing import run_distributed
 
 pytestmark = pytest.mark.timeout(900)  # spawned Megatron worlds: slow on a loaded 2-core machine
-from trapo_megatron.train_cli import check_config, load_config
+from trapo_megatron.train.config import load_config
+from trapo_megatron.train.setup import check_config
 
 VOLATILE = ("time_", "tokens_per_s")
 
@@ -26,7 +27,7 @@ def _overrides(out: Path, *extra: str) -> list[str]:
 
 
 def train_worker(rank: int, world: int, overrides: list[str], resume: bool) -> dict:
-    from trapo_megatron.train_cli import train
+    from trapo_megatron.trainer import train
 
     return train(load_config(str(CONFIG), overrides), resume=resume)
 

@@ -18,8 +18,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_config(args: argparse.Namespace) -> int:
-    from trapo_megatron.train.config import TrapoConfig
-    from trapo_megatron.train_cli import load_config
+    from trapo_megatron.train.config import TrapoConfig, load_config
 
     if args.config is None:
         for key, type_name, default, doc in describe(TrapoConfig):

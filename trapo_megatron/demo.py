@@ -29,7 +29,8 @@ def _worker(rank: int, world: int, overrides: list[str], out: str) -> dict:
     from trapo_megatron.train.console import library_output_to
 
     library_output_to(Path(out) / f"rank{rank}.log")  # before megatron's import-time warnings
-    from trapo_megatron.train_cli import load_config, train
+    from trapo_megatron.train.config import load_config
+    from trapo_megatron.trainer import train
 
     return train(load_config(str(CONFIG), overrides))
 
@@ -37,7 +38,8 @@ def _worker(rank: int, world: int, overrides: list[str], out: str) -> dict:
 def run_demo(args: argparse.Namespace) -> int:
     from trapo_megatron.plot import read_metrics
     from trapo_megatron.testing import run_distributed
-    from trapo_megatron.train_cli import check_config, load_config
+    from trapo_megatron.train.config import load_config
+    from trapo_megatron.train.setup import check_config
 
     overrides = _asset_overrides(args.out) + list(args.overrides)
     try:  # fail fast on a bad override, before spawning

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from trapo_megatron.config import ConfigError, load
+from trapo_megatron.config import ConfigError
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +26,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      "N must be a multiple of parallel.tensor_model_parallel_size x pipeline_model_parallel_size.")
 
 
-def load_config(paths: str | list[str], overrides: list[str]):
-    from trapo_megatron.train.config import TrapoConfig
-
-    return load(TrapoConfig, paths, overrides)
-
-
 def run_train(args: argparse.Namespace) -> int:
+    from trapo_megatron.train.config import load_config
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(args.config, args.overrides)
@@ -41,11 +37,16 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"trapo train: this TP x PP layout needs {n} ranks; run it under torchrun, e.g. "
                   f"torchrun --nproc-per-node {n} -m trapo_megatron.cli train --config ...", file=sys.stderr)
             return 2
+        from trapo_megatron.train.setup import (
+            check_config,  # megatron and transformers: after a bad key failed fast
+        )
+
         check_config(cfg, world)
     except (ConfigError, ValueError) as e:
         print(f"trapo train: config error: {e}", file=sys.stderr)
         return 2
     from trapo_megatron.train.stopping import EXIT_DIVERGED, EXIT_STOPPED, DivergedError
+    from trapo_megatron.trainer import train
 
     try:
         summary = train(cfg, resume=args.resume)
@@ -55,31 +56,3 @@ def run_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return EXIT_STOPPED if summary["stopped"] else 0
-
-
-def check_config(cfg, world_size: int) -> None:
-    """Everything that can be checked before a process group exists: the checkpoint is there and the
-    TP/PP layout splits this model on ``world_size`` ranks (ValueError naming the knob otherwise)."""
-    from pathlib import Path
-
-    from transformers import AutoConfig
-
-    from trapo_megatron.train.setup import check_layout
-
-    if not (Path(cfg.model.hf_path) / "config.json").is_file():
-        raise ValueError(f"model.hf_path={cfg.model.hf_path!r} is not a Hugging Face checkpoint directory "
-                         "(no config.json)")
-    check_layout(cfg, AutoConfig.from_pretrained(cfg.model.hf_path), world_size)
-
-
-def train(cfg, resume: bool = False) -> dict:
-    """Run ``cfg`` on this rank to the end; returns a summary (run dir, steps)."""
-    from trapo_megatron.train.watchdog import watch_parent
-    from trapo_megatron.trainer import Trainer
-
-    watch_parent()  # a rank whose launcher died exits instead of running on
-    trainer = Trainer(cfg, resume=resume)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()

@@ -150,3 +150,15 @@ class Trainer:
         every = self.cfg.evaluation.every
         due = step == self.cfg.run.max_steps or (every > 0 and step % every == 0)
         return self.cfg.evaluation.path is not None and due
+
+
+def train(cfg: TrapoConfig, resume: bool = False) -> dict:
+    """Run ``cfg`` on this rank to the end; returns a summary (run dir, steps)."""
+    from trapo_megatron.train.watchdog import watch_parent
+
+    watch_parent()  # a rank whose launcher died exits instead of running on
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

@@ -19,7 +19,7 @@ from _vllm_cpu import untied_demo_model
 
 from trapo_megatron.demo import ASSETS, CONFIG
 from trapo_megatron.eval import cli as eval_cli
-from trapo_megatron.train_cli import load_config
+from trapo_megatron.train.config import load_config
 
 pytestmark = pytest.mark.timeout(900)
 

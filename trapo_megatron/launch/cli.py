@@ -194,8 +194,7 @@ def _check_train(args: argparse.Namespace, recipe: Recipe, code_dir: str, cluste
     """Load the config here, run the pre-submit checks; returns the path overrides to add and the recipe
     (without --recipe: the config's own layout, TP x PP local processes)."""
     from trapo_megatron.config import ConfigError
-    from trapo_megatron.train.config import engine_tensor_parallel_size
-    from trapo_megatron.train_cli import load_config
+    from trapo_megatron.train.config import engine_tensor_parallel_size, load_config
 
     layout = recipe.overrides() if args.recipe else []
     try:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from trapo_megatron.algo.loss import LossConfig
 from trapo_megatron.algo.micro_groups import MicroGroupConfig
+from trapo_megatron.config import load
 from trapo_megatron.data.dataset import DataConfig
 from trapo_megatron.data.prompts import PromptConfig
 from trapo_megatron.megatron.model_builder import ModelConfig
@@ -173,3 +174,8 @@ class TrapoConfig:
 def engine_tensor_parallel_size(cfg: TrapoConfig) -> int:
     """The engine's TP: engine.tensor_parallel_size, the trainer's TP when unset (also read by `trapo launch`)."""
     return cfg.engine.tensor_parallel_size or cfg.parallel.tensor_model_parallel_size
+
+
+def load_config(paths: str | list[str], overrides: list[str]) -> TrapoConfig:
+    """The run's configuration from YAML files (layered in order) plus dotted overrides; ConfigError names the key."""
+    return load(TrapoConfig, paths, overrides)

@@ -111,6 +111,17 @@ def check_layout(cfg: TrapoConfig, hf_config: Any, world_size: int) -> None:
                          f"size {dp}")
 
 
+def check_config(cfg: TrapoConfig, world_size: int) -> None:
+    """Everything that can be checked before a process group exists: the checkpoint is there and the
+    TP/PP layout splits this model on ``world_size`` ranks (ValueError naming the knob otherwise)."""
+    from transformers import AutoConfig
+
+    if not (Path(cfg.model.hf_path) / "config.json").is_file():
+        raise ValueError(f"model.hf_path={cfg.model.hf_path!r} is not a Hugging Face checkpoint directory "
+                         "(no config.json)")
+    check_layout(cfg, AutoConfig.from_pretrained(cfg.model.hf_path), world_size)
+
+
 def build_run(cfg: TrapoConfig) -> Run:
     from transformers import AutoConfig, AutoTokenizer
 
