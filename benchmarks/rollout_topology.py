@@ -24,8 +24,8 @@ def rollout_worker(rank: int, world: int, engine_tp: int, num_prompts: int, repe
     dist.init_process_group("gloo")
     from transformers import AutoTokenizer
 
+    from trapo_megatron.commands.demo import CONFIG, _asset_overrides
     from trapo_megatron.data.dataset import load_examples
-    from trapo_megatron.demo import CONFIG, _asset_overrides
     from trapo_megatron.reward.math_reward import MathRewardPool
     from trapo_megatron.rollout.cpu_engine import CpuEngine, ReplicaCpuEngine
     from trapo_megatron.rollout.replicas import ReplicaLayout, new_replica_group

@@ -23,8 +23,8 @@ def rollout_worker(rank: int, world: int, kind: str, num_prompts: int, repeats: 
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trapo_megatron.commands.demo import CONFIG, _asset_overrides
     from trapo_megatron.data.dataset import load_examples
-    from trapo_megatron.demo import CONFIG, _asset_overrides
     from trapo_megatron.reward.math_reward import MathRewardPool
     from trapo_megatron.rollout.replicas import ReplicaLayout, new_replica_group
     from trapo_megatron.rollout.service import ReplicaScorer, RolloutService

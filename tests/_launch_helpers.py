@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trapo_megatron.demo import CONFIG, _asset_overrides
+from trapo_megatron.commands.demo import CONFIG, _asset_overrides
 from trapo_megatron.testing import free_port
 
 VOLATILE = ("time_", "tokens_per_s")
@@ -36,7 +36,7 @@ def launch(overrides: list[str], *, resume: bool = False, fault: str = "", world
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", "TRAPO_FAULT": fault}
-        cmd = [sys.executable, "-m", "trapo_megatron.cli", "train", "--config", str(CONFIG),
+        cmd = [sys.executable, "-m", "trapo_megatron.commands", "train", "--config", str(CONFIG),
                *(["--resume"] if resume else []), *overrides]
         with (log_dir / f"rank{rank}.log").open("a") as log:
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trapo_megatron.cli import SUBCOMMANDS, main
+from trapo_megatron.commands import SUBCOMMANDS, main
 from trapo_megatron.config import describe
 from trapo_megatron.train.config import TrapoConfig, load_config
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from _convert_helpers import hf_model, save_hf
 
+from trapo_megatron.commands.convert import add_convert_arguments, parse_size, run_convert
 from trapo_megatron.convert import hf_io
-from trapo_megatron.convert.cli import add_convert_arguments, parse_size, run_convert
 
 
 def _run(*argv):

@@ -9,7 +9,7 @@ import pytest
 from official_layout import expert, problem, train_row, write_train
 from rollout_tiny import tiny_tokenizer
 
-from trapo_megatron.cli import main as trapo
+from trapo_megatron.commands import main as trapo
 from trapo_megatron.data import DataConfig, PromptConfig, load_examples, think_text
 from trapo_megatron.data.dataset import load_for_run, parse_path
 

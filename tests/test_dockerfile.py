@@ -184,7 +184,7 @@ def test_documented_commands_parse_and_match_the_image() -> None:
 def test_documented_launch_flags_exist(flag: str) -> None:
     from argparse import ArgumentParser
 
-    from trapo_megatron.launch.cli import add_launch_arguments
+    from trapo_megatron.commands.launch import add_launch_arguments
 
     parser = ArgumentParser()
     add_launch_arguments(parser)

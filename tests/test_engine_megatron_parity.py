@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trapo_megatron.demo import ASSETS
+from trapo_megatron.commands.demo import ASSETS
 from trapo_megatron.testing import run_distributed
 
 pytestmark = pytest.mark.timeout(900)  # spawned Megatron worlds: slow on a loaded 2-core machine

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from trapo_megatron.eval import cli
+from trapo_megatron.commands import eval as eval_command
 from trapo_megatron.eval.benchmarks import (
     SAMPLE_DIR,
     SAMPLE_FORMATS,
@@ -111,7 +111,8 @@ def _sample_items() -> list:
 
 def test_fixed_outputs_give_expected_scores(tmp_path, capsys) -> None:
     report = tmp_path / "report.json"
-    code = cli.main(["--responses", str(RESPONSES), "--report", str(report), "--grader-workers", "2"])
+    code = eval_command.main(["--responses", str(RESPONSES), "--report", str(report),
+                              "--grader-workers", "2"])
     assert code == 0
     data = json.loads(report.read_text())
     for bench in data["benchmarks"]:
@@ -141,5 +142,5 @@ def test_grading_is_separate_from_generation() -> None:
 def test_missing_responses_exit_2(tmp_path, capsys) -> None:
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"benchmark": "aime", "id": "1", "responses": ["\\boxed{24}"]}) + "\n")
-    assert cli.main(["--responses", str(path), "--data", f"aime:{SAMPLE_DIR / 'aime.jsonl'}"]) == 2
+    assert eval_command.main(["--responses", str(path), "--data", f"aime:{SAMPLE_DIR / 'aime.jsonl'}"]) == 2
     assert "no responses" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def test_eval_cli_generates_with_a_saved_model(tmp_path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from trapo_megatron.eval import cli
+    from trapo_megatron.commands import eval as eval_command
     from trapo_megatron.eval.report import read_responses
 
     tokenizer = _tokenizer()
@@ -68,9 +68,10 @@ def test_eval_cli_generates_with_a_saved_model(tmp_path) -> None:
     AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     report, saved = tmp_path / "report.json", tmp_path / "responses.jsonl"
-    code = cli.main(["--model", str(model_dir), "--data", f"aime:{SAMPLE_DIR / 'aime.jsonl'}", "--limit", "2",
-                     "--k", "2", "--max-tokens", "4", "--prompt-template", "plain", "--grader-workers", "1",
-                     "--report", str(report), "--save-responses", str(saved)])
+    code = eval_command.main(["--model", str(model_dir), "--data", f"aime:{SAMPLE_DIR / 'aime.jsonl'}",
+                              "--limit", "2", "--k", "2", "--max-tokens", "4", "--prompt-template", "plain",
+                              "--grader-workers", "1", "--report", str(report),
+                              "--save-responses", str(saved)])
     assert code == 0
     bench = json.loads(report.read_text())["benchmarks"][0]
     assert (bench["benchmark"], bench["num_problems"], bench["k"]) == ("aime", 2, 2)

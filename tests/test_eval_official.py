@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from official_layout import VALID, problem, write_valid
 
-from trapo_megatron.eval import cli
+from trapo_megatron.commands import eval as eval_command
 from trapo_megatron.eval.benchmarks import load_benchmark
 from trapo_megatron.testing import run_distributed
 
@@ -56,7 +56,7 @@ def _eval_args(valid, model_dir, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def one_replica(valid, model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one")
-    assert cli.main(_eval_args(valid, model_dir, out)) == 0
+    assert eval_command.main(_eval_args(valid, model_dir, out)) == 0
     return out
 
 
@@ -76,7 +76,7 @@ def test_eval_reports_avg_and_pass_at_k_on_the_official_files(one_replica) -> No
 
 
 def dp_worker(rank: int, world: int, args: list[str]) -> int:
-    return cli.main(args)
+    return eval_command.main(args)
 
 
 def test_two_replicas_give_the_one_replica_report(valid, model_dir, one_replica, tmp_path) -> None:
@@ -114,7 +114,7 @@ def test_grading_modes_disagree_as_expected(tmp_path, mode, column) -> None:
     responses.write_text("".join(json.dumps({"benchmark": "b", "id": str(i), "responses": [r]}) + "\n"
                                  for i, (r, *_) in enumerate(DISAGREE)))
     report = tmp_path / "report.json"
-    assert cli.main(["--data", f"b=flat:{data}", "--responses", str(responses), "--grading", mode,
+    assert eval_command.main(["--data", f"b=flat:{data}", "--responses", str(responses), "--grading", mode,
                      "--grader-workers", "1", "--report", str(report)]) == 0
     out = json.loads(report.read_text())
     assert [s["scores"] for s in out["samples"]] == [[row[column]] for row in DISAGREE]

@@ -18,7 +18,7 @@ import pytest
 os.environ["NEMORUN_HOME"] = tempfile.mkdtemp(prefix="trapo-nemorun-")
 pytest.importorskip("nemo_run", reason="the launch extra (nemo-run) is not installed")
 
-from trapo_megatron.launch import cli
+from trapo_megatron.commands import launch as launch_command
 
 pytestmark = [pytest.mark.launch, pytest.mark.timeout(240)]
 
@@ -36,7 +36,7 @@ def readable_stdin(monkeypatch):
 
 
 def _sbatch(capsys, *argv: str) -> str:
-    assert cli.main(list(argv)) == 0
+    assert launch_command.main(list(argv)) == 0
     return capsys.readouterr().out
 
 
@@ -59,7 +59,8 @@ def test_slurm_dryrun_32b(capsys) -> None:
     assert re.search(r"--container-mounts /lustre/data:/data,/lustre/ckpt:/ckpt", script)
     for var in ("CUDA_DEVICE_MAX_CONNECTIONS=1", "HF_HUB_OFFLINE=1", "WANDB_MODE=offline"):
         assert f"export {var}" in script
-    assert ("-m trapo_megatron.cli train --config /opt/trapo-megatron/examples/qwen2.5-math-7b_trapo.yaml "
+    assert ("-m trapo_megatron.commands train "
+            "--config /opt/trapo-megatron/examples/qwen2.5-math-7b_trapo.yaml "
             "--config /opt/trapo-megatron/examples/qwen2.5-32b_trapo.yaml "
             "parallel.tensor_model_parallel_size=4 parallel.pipeline_model_parallel_size=4 "
             "checkpoint.resume=true model.hf_path=/data/model data.path=/data/openr1.jsonl "
@@ -73,7 +74,7 @@ def test_slurm_dryrun_72b_and_single_node_eval(capsys) -> None:
     script = _sbatch(capsys, "--recipe", "qwen2.5-72b", "--task", "eval", *SLURM, "--", "--engine", "vllm")
     assert "#SBATCH --nodes=1" in script and "torchrun" not in script and "launch.agent" not in script
     assert "#SBATCH --signal" not in script  # only the trainer catches the warning; it would kill eval
-    assert "python -m trapo_megatron.cli eval --engine vllm" in script
+    assert "python -m trapo_megatron.commands eval --engine vllm" in script
 
 
 def test_slurm_without_container_runs_this_checkout_with_this_python(capsys, tmp_path) -> None:
@@ -139,7 +140,7 @@ def test_two_cpu_nodes_one_rank_each_and_the_network_knobs_by_name(capsys, monke
 def test_nodes_are_checked_against_the_task_and_layout(argv, message, capsys) -> None:
     """Exit 2 before anything is built or submitted, naming the flag or key."""
     cut = argv.index("--") if "--" in argv else len(argv)
-    assert cli.main([*argv[:cut], "--executor", "slurm", "--dryrun", *argv[cut:]]) == 2
+    assert launch_command.main([*argv[:cut], "--executor", "slurm", "--dryrun", *argv[cut:]]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -147,7 +148,7 @@ def test_nemo_run_errors_exit_1(tmp_path, capsys, monkeypatch) -> None:
     """Submitting where sbatch cannot run: NeMo-Run raises, `trapo launch` says so and exits 1."""
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
     argv = ["--recipe", "qwen2.5-32b", *SLURM[:-1], "--job-dir", str(tmp_path), "--detach", "--", *GPU_PATHS]
-    assert cli.main(argv) == 1
+    assert launch_command.main(argv) == 1
     assert "NeMo-Run failed" in capsys.readouterr().err
 
 
@@ -164,16 +165,16 @@ def test_recipe_factories_for_nemo_run_scripts() -> None:
     assert "#SBATCH --nodes=8" in script and "optimizer.lr=1e-6" in script
     local = recipe_executor("tiny-cpu")
     assert local.ntasks_per_node == 2 and local.env_vars["OMP_NUM_THREADS"] == "1"
-    assert recipe_task("tiny-cpu").path == "trapo_megatron.cli"
+    assert recipe_task("tiny-cpu").path == "trapo_megatron.commands"
 
 
 def test_local_launch_runs_to_completion(capsys) -> None:
     """Two ranks under torchrun on this machine all-reduce over gloo."""
-    assert cli.main(["--recipe", "tiny-cpu", "--task", "smoke"]) == 0
+    assert launch_command.main(["--recipe", "tiny-cpu", "--task", "smoke"]) == 0
 
 
 def test_failed_local_task_fails_the_launch(capsys) -> None:
-    assert cli.main(["--recipe", "tiny-cpu", "--task", "smoke", "--", "--fail-rank", "1"]) == 1
+    assert launch_command.main(["--recipe", "tiny-cpu", "--task", "smoke", "--", "--fail-rank", "1"]) == 1
     err = capsys.readouterr().err
     assert "failed" in err and "failing on purpose" in err
 
@@ -184,7 +185,7 @@ def test_local_launch_tiny_demo_config(tmp_path) -> None:
     """The tiny demo config trains for 2 steps under torchrun (TP=2, gloo) launched by NeMo-Run."""
     overrides = ["run.max_steps=2", "run.prompts_per_step=4", f"run.output_dir={tmp_path / 'run'}",
                  "run.progress=false", "evaluation.every=0", "evaluation.max_problems=8", "reward.num_workers=1"]
-    assert cli.main(["--recipe", "tiny-cpu", "--", *overrides]) == 0
+    assert launch_command.main(["--recipe", "tiny-cpu", "--", *overrides]) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]
 
@@ -207,7 +208,7 @@ def test_any_config_launches_with_its_own_layout(capsys, tmp_path) -> None:
 def test_memory_warning_without_strict(capsys) -> None:
     argv = ["--recipe", "qwen2.5-72b", *SLURM, "--nodes", "1", "--", "parallel.pipeline_model_parallel_size=1",
             *GPU_PATHS]
-    assert cli.main(argv) == 0  # without --strict the script is still printed ...
+    assert launch_command.main(argv) == 0  # without --strict the script is still printed ...
     captured = capsys.readouterr()
     assert "#SBATCH --nodes=1" in captured.out
     assert "warning: qwen2.5-72b at TP8 x PP1 x DP1 does not fit" in captured.err  # ... with the warning

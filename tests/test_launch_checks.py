@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from trapo_megatron.launch import checks, cli
+from trapo_megatron.commands import launch as launch_command
+from trapo_megatron.launch import checks
 
 SLURM = ["--executor", "slurm", "--container-image", "img", "--mount", "/lustre/data:/data",
          "--mount", "/lustre/runs:/runs", "--dryrun"]
@@ -56,7 +57,7 @@ BAD_LAUNCHES = [
 
 @pytest.mark.parametrize("argv, message", [c[1:] for c in BAD_LAUNCHES], ids=[c[0] for c in BAD_LAUNCHES])
 def test_bad_launch_exits_2_with_the_reason(argv, message, capsys) -> None:
-    assert cli.main(argv) == 2
+    assert launch_command.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
 

@@ -17,7 +17,7 @@ import pytest
 os.environ.setdefault("NEMORUN_HOME", tempfile.mkdtemp(prefix="trapo-nemorun-"))
 pytest.importorskip("nemo_run", reason="the launch extra (nemo-run) is not installed")
 
-from trapo_megatron.launch import cli
+from trapo_megatron.commands import launch as launch_command
 
 pytestmark = [pytest.mark.launch, pytest.mark.timeout(300)]
 
@@ -47,7 +47,7 @@ def test_documented_launch_dry_runs(command: str, capsys, monkeypatch) -> None:
     argv = shlex.split(command)[2:]
     cut = argv.index("--") if "--" in argv else len(argv)
     argv = [*argv[:cut], "--dryrun", *argv[cut:]] if "--dryrun" not in argv else argv
-    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert launch_command.main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert ("#SBATCH" in out) == ("--executor slurm" in command)
     assert "doc-test-secret" not in out

@@ -50,12 +50,12 @@ def test_errors_name_the_flag() -> None:
 
 
 def test_cli_modules_do_not_import_nemo_run_or_megatron() -> None:
-    code = ("import sys, trapo_megatron.launch.cli, trapo_megatron.plan.cli, trapo_megatron.eval.cli; "
+    code = ("import sys; from trapo_megatron.commands import eval, launch, plan; "
             "bad = [m for m in ('nemo_run', 'megatron', 'vllm') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     # the `trapo` parser imports every subcommand module: building it must not pull nemo_run in either
-    code = ("import sys; from trapo_megatron.cli import build_parser; build_parser(); "
+    code = ("import sys; from trapo_megatron.commands import build_parser; build_parser(); "
             "assert 'nemo_run' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

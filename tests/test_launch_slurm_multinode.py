@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.launch, pytest.mark.slurm, pytest.mark.slow, pytest.ma
 
 from _slurm_helpers import CLUSTER_SH, ended, finish, job_ids, launch, metrics, require_slurm, wait_for
 
-from trapo_megatron.demo import ASSETS
+from trapo_megatron.commands.demo import ASSETS
 
 STEPS = 6
 """Steps of each multi-node run (checked against the references' first steps)."""

@@ -49,10 +49,10 @@ def test_llama3_rope_scaling_is_read_from_either_layout() -> None:
     ({"num_key_value_heads": 3}, "num_key_value_heads=3: must divide"),
 ])
 def test_every_consumer_refuses_a_bad_config_naming_the_field(tmp_path, capsys, change: dict, message: str) -> None:
+    from trapo_megatron.commands import plan as plan_command
     from trapo_megatron.convert.model_io import load_hf_into_model
     from trapo_megatron.megatron.model_builder import validate_hf_config
     from trapo_megatron.megatron.platform import ParallelConfig
-    from trapo_megatron.plan import cli
 
     cfg = {k: v for k, v in {"model_type": "qwen3", **BASE, **change}.items() if v is not None}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -60,7 +60,7 @@ def test_every_consumer_refuses_a_bad_config_naming_the_field(tmp_path, capsys, 
         validate_hf_config(cfg, ParallelConfig())
     with pytest.raises(ValueError, match=message):
         load_hf_into_model([], {}, hf_config=cfg)
-    assert cli.main(["--model", str(tmp_path)]) == 2
+    assert plan_command.main(["--model", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
 
 

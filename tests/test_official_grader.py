@@ -54,8 +54,8 @@ def test_official_eval_preset_and_the_simplerl_prompt():
 
     from rollout_tiny import tiny_tokenizer
 
+    from trapo_megatron.commands.eval import RAW_TEMPLATES, add_eval_arguments
     from trapo_megatron.data.prompts import PromptConfig, encode_prompt
-    from trapo_megatron.eval.cli import RAW_TEMPLATES, add_eval_arguments
 
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)

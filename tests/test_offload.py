@@ -64,7 +64,7 @@ def offload_worker(rank: int, world: int, model_dir: str) -> dict:
 
 
 def test_offload_round_trip_is_bit_identical_at_dp2() -> None:
-    from trapo_megatron.demo import ASSETS
+    from trapo_megatron.commands.demo import ASSETS
 
     for out in run_distributed(offload_worker, 2, str(ASSETS / "model"), timeout=500):
         assert out["moved"] > 0 and out["nonzero_grads"]

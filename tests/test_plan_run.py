@@ -8,9 +8,9 @@ import re
 
 import pytest
 
+from trapo_megatron.commands import plan as plan_command
 from trapo_megatron.config import load
 from trapo_megatron.launch import checks
-from trapo_megatron.plan import cli
 from trapo_megatron.plan.memory import GIB, PRECISIONS
 from trapo_megatron.plan.model import PRESETS
 from trapo_megatron.plan.run import plan_run
@@ -33,7 +33,7 @@ def test_plan_of_each_example_is_the_configured_run(name: str, tmp_path, capsys)
     files, gpus = EXAMPLES[name]
     out = tmp_path / "plan.json"
     argv = [arg for f in files for arg in ("--config", f)] + ["--gpus", str(gpus), "--json", str(out)]
-    assert cli.main(argv) == 0, capsys.readouterr()
+    assert plan_command.main(argv) == 0, capsys.readouterr()
     text = capsys.readouterr().out
     cfg = load(TrapoConfig, files, [])
     plan = json.loads(out.read_text())
@@ -63,7 +63,7 @@ def test_launch_check_uses_the_plans_numbers(capsys) -> None:
     cfg = load(TrapoConfig, files, over)
     warning = checks.check_memory(cfg, PRESETS["qwen2.5-72b"], "h100-80gb", 1, 8)
     assert warning.startswith("qwen2.5-72b at TP8 x PP1 x DP1 does not fit a h100-80gb as configured")
-    assert cli.main(["--config", files[0], "--config", files[1], "--gpus", "8", *over]) == 1
+    assert plan_command.main(["--config", files[0], "--config", files[1], "--gpus", "8", *over]) == 1
     row = capsys.readouterr().out.splitlines()[2].split()
     train, rollout = float(row[10]), float(row[11])
     peak = float(re.search(r": ([\d.]+) GiB of", warning).group(1))

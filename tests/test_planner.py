@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from trapo_megatron.commands import plan as plan_command
 from trapo_megatron.model_spec import from_hf_config
-from trapo_megatron.plan import cli
 from trapo_megatron.plan.memory import (
     GIB,
     Layout,
@@ -121,13 +121,13 @@ def test_plan_of_a_config_without_layers_names_the_field(tmp_path, capsys) -> No
     cfg = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
            "vocab_size": 96}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert cli.main(["--model", str(tmp_path)]) == 2
+    assert plan_command.main(["--model", str(tmp_path)]) == 2
     assert "num_hidden_layers=None: is missing" in capsys.readouterr().err
 
 
 def test_cli_prints_table_and_writes_json(tmp_path, capsys) -> None:
     out = tmp_path / "plan.json"
-    code = cli.main(["--model", "qwen3-32b", "--num-gpus", "32", "--json", str(out)])
+    code = plan_command.main(["--model", "qwen3-32b", "--num-gpus", "32", "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     assert "TP4xPP4xDP2" in text and "max_seq" in text
@@ -137,8 +137,8 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys) -> None:
 
 
 def test_cli_nothing_fits_exits_1_and_bad_model_exits_2(capsys) -> None:
-    assert cli.main(["--model", "qwen2.5-72b", "--num-gpus", "8"]) == 1
-    assert cli.main(["--model", "no-such-model"]) == 2
+    assert plan_command.main(["--model", "qwen2.5-72b", "--num-gpus", "8"]) == 1
+    assert plan_command.main(["--model", "no-such-model"]) == 2
     assert "--model" in capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from _launch_helpers import MAX_STEPS, latest, launch, metrics, tiny
 
-from trapo_megatron.demo import CONFIG
+from trapo_megatron.commands.demo import CONFIG
 from trapo_megatron.testing import free_port
 from trapo_megatron.train.stopping import EXIT_DIVERGED, EXIT_STOPPED
 
@@ -112,7 +112,7 @@ def test_workers_exit_when_their_torchrun_agent_is_killed(tmp_path: Path) -> Non
     out = tmp_path / "run"
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "trapo_megatron.cli", "train", "--config", str(CONFIG),
+           "-m", "trapo_megatron.commands", "train", "--config", str(CONFIG),
            *tiny(out, "run.max_steps=1000", "checkpoint.save_every=0")]
     with (out / "agent.log").open("w") as log:
         agent = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
@@ -143,7 +143,7 @@ def test_a_checkpoint_with_remote_code_never_runs_it(tmp_path: Path, model_type:
     the config the way the run does; transformers runs remote code only with trust_remote_code=True, which
     nothing in trapo passes. A known model type falls back to the built-in class, an unknown one is refused;
     the code never runs."""
-    from trapo_megatron.demo import ASSETS
+    from trapo_megatron.commands.demo import ASSETS
     from trapo_megatron.train.config import load_config
     from trapo_megatron.train.setup import check_config
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from trapo_megatron.demo import CONFIG, _asset_overrides
+from trapo_megatron.commands.demo import CONFIG, _asset_overrides
 from trapo_megatron.testing import run_distributed
 
 pytestmark = pytest.mark.timeout(1200)

@@ -13,7 +13,7 @@ import pytest
 from official_layout import train_row, write_train, write_valid
 from rollout_tiny import tiny_qwen2_config, tiny_tokenizer
 
-from trapo_megatron.demo import CONFIG
+from trapo_megatron.commands.demo import CONFIG
 from trapo_megatron.testing import run_distributed
 
 pytestmark = pytest.mark.timeout(900)

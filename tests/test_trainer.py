@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from trapo_megatron.commands.demo import CONFIG, _asset_overrides
 from trapo_megatron.config import ConfigError
-from trapo_megatron.demo import CONFIG, _asset_overrides
 from trapo_megatron.testing import run_distributed
 
 pytestmark = pytest.mark.timeout(900)  # spawned Megatron worlds: slow on a loaded 2-core machine

@@ -76,7 +76,7 @@ result gpu_check "$([ $rc = 0 ] && echo true || echo false)" "\"exit\": $rc, \"s
 run_dir="$out/train"
 train() {  # max_steps, extra args
   TRAPO_CUDA_SYNC_DEBUG=warn timeout 240 "$python" -m torch.distributed.run --standalone --nproc-per-node 1 \
-    -m trapo_megatron.cli train --config "$here/examples/tiny_cpu.yaml" "${@:2}" \
+    -m trapo_megatron.commands train --config "$here/examples/tiny_cpu.yaml" "${@:2}" \
     run.output_dir="$run_dir" run.max_steps="$1" checkpoint.save_every=1 checkpoint.export_hf=false \
     parallel.tensor_model_parallel_size=1 model.transformer_impl=local engine.kind=cpu \
     engine.offload_during_rollout=grads+optimizer evaluation.every=0 \

@@ -1,8 +1,8 @@
-"""`trapo plot RUN_DIR`: the run's curves (from metrics.jsonl) as one PNG, the way the paper reports them."""
+"""A run's curves (from metrics.jsonl) as one PNG, the way the paper reports them (`trapo plot RUN_DIR`, and
+the trainer at the end of a run)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -50,13 +50,3 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a run directory (it holds metrics.jsonl)")
-    parser.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
-
-
-def run_plot(args: argparse.Namespace) -> int:
-    print(plot_run(args.run_dir, args.out))
-    return 0

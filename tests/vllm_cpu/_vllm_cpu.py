@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from trapo_megatron.demo import ASSETS
+from trapo_megatron.commands.demo import ASSETS
 
 
 def untied_demo_model(directory: Path) -> Path:

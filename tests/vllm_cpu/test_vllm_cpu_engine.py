@@ -12,7 +12,7 @@ import pytest
 import torch
 from _vllm_cpu import sequence_logprobs, untied_demo_model
 
-from trapo_megatron.demo import ASSETS
+from trapo_megatron.commands.demo import ASSETS
 from trapo_megatron.rollout import SamplingParams
 from trapo_megatron.rollout.cpu_engine import CpuEngine
 from trapo_megatron.rollout.vllm_engine import VllmEngine

@@ -17,8 +17,8 @@ import pytest
 from _launch_helpers import launch, metrics, tiny
 from _vllm_cpu import untied_demo_model
 
-from trapo_megatron.demo import ASSETS, CONFIG
-from trapo_megatron.eval import cli as eval_cli
+from trapo_megatron.commands import eval as eval_cli
+from trapo_megatron.commands.demo import ASSETS, CONFIG
 from trapo_megatron.train.config import load_config
 
 pytestmark = pytest.mark.timeout(900)

@@ -2,7 +2,7 @@
 
 import sys
 
-from trapo_megatron.eval.cli import main
+from trapo_megatron.commands.eval import main
 
 if __name__ == "__main__":
     sys.exit(main())

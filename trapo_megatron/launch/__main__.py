@@ -2,7 +2,7 @@
 
 import sys
 
-from trapo_megatron.launch.cli import main
+from trapo_megatron.commands.launch import main
 
 if __name__ == "__main__":
     sys.exit(main())

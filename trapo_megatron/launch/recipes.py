@@ -80,10 +80,10 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "train": Task(module="trapo_megatron.cli", prefix=("train",), distributed=True, uses_config=True,
+    "train": Task(module="trapo_megatron.commands", prefix=("train",), distributed=True, uses_config=True,
                   stops_on_signal=True, help="trapo train --config <recipe configs> <layout overrides> <your overrides>"),
-    "eval": Task(module="trapo_megatron.cli", prefix=("eval",), help="trapo eval <your args>"),
-    "convert": Task(module="trapo_megatron.cli", prefix=("convert",), help="trapo convert <your args>"),
+    "eval": Task(module="trapo_megatron.commands", prefix=("eval",), help="trapo eval <your args>"),
+    "convert": Task(module="trapo_megatron.commands", prefix=("convert",), help="trapo convert <your args>"),
     "smoke": Task(module="trapo_megatron.launch.smoke", distributed=True,
                   help="all-reduce over every rank: checks nodes, GPUs and rendezvous before a long run"),
 }

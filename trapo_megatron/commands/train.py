@@ -22,8 +22,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from <run.output_dir>/checkpoints/latest when it exists")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="dotted overrides, e.g. run.max_steps=10 optimizer.lr=1e-6 loss.prefix_objective=sft")
-    parser.epilog = ("Several ranks: torchrun --nproc-per-node N -m trapo_megatron.cli train --config FILE ...; "
-                     "N must be a multiple of parallel.tensor_model_parallel_size x pipeline_model_parallel_size.")
+    parser.epilog = ("Several ranks: torchrun --nproc-per-node N -m trapo_megatron.commands train "
+                     "--config FILE ...; N must be a multiple of parallel.tensor_model_parallel_size x "
+                     "pipeline_model_parallel_size.")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -34,8 +35,8 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         if world == 1 and cfg.parallel.model_parallel_size > 1:
             n = cfg.parallel.model_parallel_size
-            print(f"trapo train: this TP x PP layout needs {n} ranks; run it under torchrun, e.g. "
-                  f"torchrun --nproc-per-node {n} -m trapo_megatron.cli train --config ...", file=sys.stderr)
+            print(f"trapo train: this TP x PP layout needs {n} ranks; run it under torchrun, e.g. torchrun "
+                  f"--nproc-per-node {n} -m trapo_megatron.commands train --config ...", file=sys.stderr)
             return 2
         from trapo_megatron.train.setup import (
             check_config,  # megatron and transformers: after a bad key failed fast

@@ -1,6 +1,6 @@
 """`trapo eval`: avg@k / pass@k of a model (or of a responses file) on local math benchmark files.
 
-Wired into the `trapo` command by :mod:`trapo_megatron.cli` through :func:`add_eval_arguments` and
+Wired into the `trapo` command by :mod:`trapo_megatron.commands` through :func:`add_eval_arguments` and
 :func:`run_eval`; ``python -m trapo_megatron.eval`` runs it alone.
 
 Data parallel: under torchrun (WORLD_SIZE > 1) the world is cut into engine replicas of --tp ranks

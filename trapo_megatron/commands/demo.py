@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets" / "demo"
-CONFIG = Path(__file__).parents[1] / "examples" / "tiny_cpu.yaml"
+ASSETS = Path(__file__).parents[1] / "assets" / "demo"
+CONFIG = Path(__file__).parents[2] / "examples" / "tiny_cpu.yaml"
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

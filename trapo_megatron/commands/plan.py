@@ -1,6 +1,6 @@
 """`trapo plan`: which TP x PP x DP layouts of a model fit a GPU cluster, and the memory behind the answer.
 
-Wired into the `trapo` command by :mod:`trapo_megatron.cli` through :func:`add_plan_arguments` and
+Wired into the `trapo` command by :mod:`trapo_megatron.commands` through :func:`add_plan_arguments` and
 :func:`run_plan`; ``python -m trapo_megatron.plan`` runs it alone.
 """
 
