@@ -50,9 +50,10 @@ def test_vllm_engine_imports_vllm_lazily():
 
 
 # The floors below the run: they import each other and the package root's neutral modules (faults,
-# model_spec, offload_modes, config), never the run (train/, trainer) above them.
+# model_spec, offload_modes, config), never the run (train/, trainer) or the commands above them.
 LOWER_FLOORS = ("algo", "convert", "data", "megatron", "reward", "rollout")
-UPPER = ("trapo_megatron.train", "trapo_megatron.trainer")
+COMMANDS = "trapo_megatron.commands"
+UPPER = ("trapo_megatron.train", "trapo_megatron.trainer", COMMANDS)
 
 
 def _trapo_imports(tree: ast.Module) -> set[str]:
@@ -67,19 +68,40 @@ def _trapo_imports(tree: ast.Module) -> set[str]:
     return {n for n in names if n.startswith("trapo_megatron.")}
 
 
-def _upward(name: str) -> bool:
-    return any(name == u or name.startswith(u + ".") for u in UPPER)
+def _is_under(name: str, parents: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in parents)
+
+
+def _offenders(files: list[pathlib.Path], parents: tuple[str, ...]) -> dict[str, list[str]]:
+    """file -> the modules under ``parents`` it imports, for the files that import any."""
+    out = {}
+    for f in files:
+        hits = sorted(n for n in _trapo_imports(ast.parse(f.read_text())) if _is_under(n, parents))
+        if hits:
+            out[str(f.relative_to(ROOT))] = hits
+    return out
 
 
 def test_lower_floors_never_import_upward():
     files = sorted(f for floor in LOWER_FLOORS for f in ROOT.glob(f"{floor}/*.py"))
     assert len(files) >= 40
-    imports = {str(f.relative_to(ROOT)): _trapo_imports(ast.parse(f.read_text())) for f in files}
-    bad = {k: sorted(n for n in v if _upward(n)) for k, v in imports.items() if any(map(_upward, v))}
-    assert not bad, f"a lower floor imports the run above it: {bad}"
+    bad = _offenders(files, UPPER)
+    assert not bad, f"a lower floor imports the run or the commands above it: {bad}"
 
 
-def test_upward_import_is_caught():
-    src = "def f():\n    from trapo_megatron.train import faults\n"
-    assert {n for n in _trapo_imports(ast.parse(src)) if _upward(n)} == {
-        "trapo_megatron.train", "trapo_megatron.train.faults"}
+def test_upward_imports_are_seen_in_functions_too():
+    src = ("from trapo_megatron.train import faults\n"
+           "def f():\n"
+           "    from trapo_megatron.commands.train import run_train\n"
+           "    import trapo_megatron.trainer\n")
+    seen = {n for n in _trapo_imports(ast.parse(src)) if _is_under(n, UPPER)}
+    assert seen == {"trapo_megatron.train", "trapo_megatron.train.faults", "trapo_megatron.commands.train",
+                    "trapo_megatron.commands.train.run_train", "trapo_megatron.trainer"}
+
+
+def test_only_entry_points_import_the_commands():
+    """The commands are the top floor: outside commands/ only the ``python -m`` entry points import them."""
+    files = [f for f in ROOT.rglob("*.py")
+             if "commands" not in f.relative_to(ROOT).parts and f.name != "__main__.py"]
+    bad = _offenders(files, (COMMANDS,))
+    assert not bad, f"imports of the commands package outside it: {bad}"
