@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_kernel import CFG, DTYPES, QWEN25_VOCAB, bytes_in_subprocess, peak_extra_bytes, time_runs
 
 from trapo_megatron.algo.loss import trapo_loss_from_logprobs
-from trapo_megatron.megatron.fused_output import fused_logprobs_entropy
+from trapo_megatron.megatron.fused_output import fused_logprobs_entropy, fused_trapo_loss
 from trapo_megatron.megatron.vocab_parallel import vocab_parallel_logprobs_entropy
 
 VERL_PACKAGES = ("verl==0.9.1", "tensordict==0.10.0", "pyvers", "orjson", "codetiming")
@@ -65,8 +65,16 @@ def make_inputs(tokens: int, hidden: int, vocab_local: int, dtype: torch.dtype, 
 
 
 def fused(h, w, batch):
+    """Gradients in forward (loss.fused_output_grads="forward", the default)."""
+    loss, metrics = fused_trapo_loss(h, w, batch, CFG)
+    return loss, metrics["prefix_p_sum"], metrics["entropy_sum"]
+
+
+def recompute(h, w, batch):
+    """Statistics only in forward, logits recomputed in backward (loss.fused_output_grads="recompute")."""
     logp, entropy = fused_logprobs_entropy(h, w, batch["labels"], None, CFG.temperature, CFG.chunk_tokens)
-    return trapo_loss_from_logprobs(logp, entropy, batch, CFG)[0], logp, entropy
+    loss, metrics = trapo_loss_from_logprobs(logp, entropy, batch, CFG)
+    return loss, metrics["prefix_p_sum"], metrics["entropy_sum"]
 
 
 def unfused(h, w, batch):
@@ -75,7 +83,8 @@ def unfused(h, w, batch):
     logits = torch.matmul(h, w.t())
     logp, entropy = vocab_parallel_logprobs_entropy(logits, batch["labels"], None, CFG.temperature,
                                                     CFG.chunk_tokens)
-    return trapo_loss_from_logprobs(logp, entropy, batch, CFG)[0], logp, entropy
+    loss, metrics = trapo_loss_from_logprobs(logp, entropy, batch, CFG)
+    return loss, metrics["prefix_p_sum"], metrics["entropy_sum"]
 
 
 def verl(h, w, batch):
@@ -84,10 +93,11 @@ def verl(h, w, batch):
     logits = torch.matmul(h, w.t()).div_(CFG.temperature)  # in place, as verl's actors do
     logp = logprobs_from_logits(logits, batch["labels"]).float()
     entropy = entropy_from_logits(logits).float()
-    return trapo_loss_from_logprobs(logp, entropy, batch, CFG)[0], logp, entropy
+    loss, metrics = trapo_loss_from_logprobs(logp, entropy, batch, CFG)
+    return loss, metrics["prefix_p_sum"], metrics["entropy_sum"]
 
 
-VARIANTS = {"fused": fused, "unfused": unfused, "verl": verl}
+VARIANTS = {"fused": fused, "recompute": recompute, "unfused": unfused, "verl": verl}
 
 
 def runner(fn, h, w, batch):
@@ -146,7 +156,7 @@ def main() -> None:
 
     print(f"TRAPO loss from hidden states, T={args.tokens}, h={args.hidden}, V={args.vocab}, {args.dtype}, cpu, "
           f"threads={args.threads}, median of {args.repeats}; memory = peak extra bytes (less the returned "
-          "grads) / unfused logits bytes; time / unfused; max |diff| to unfused of logp, entropy, loss")
+          "grads) / unfused logits bytes; time / unfused; max |diff| to unfused of the loss, the sums of prefix p and of entropy")
     print(f"{'TP':>2} {'V/TP':>6} {'logits GiB':>10} " + " ".join(f"{'mem ' + v:>12}" for v in variants)
           + " " + " ".join(f"{'time ' + v:>12}" for v in variants) + " " + " ".join(f"{'cpu ' + v:>11}" for v in variants)
           + f" {'unfused s':>9}  diffs")

@@ -1,18 +1,20 @@
 """The fused output layer (hidden states -> log-prob / entropy, no logits) against the unfused path: megatron's
 own output-layer linear (tensor_parallel/layers.py) + the vocab-parallel kernels, at TP=1 (also against an
 fp64 log_softmax) and TP=2 with and without sequence parallelism, tied and untied, chunks that do and do not
-divide T. The embedding in front is vocab-parallel too (megatron's mapping functions), so a tied weight gets
+divide T. Both fused paths: gradients recomputed in backward (log-probs and entropy against any cotangent, and
+the TRAPO loss) and gradients in forward (the TRAPO loss, the only thing that path returns). The embedding in front is vocab-parallel too (megatron's mapping functions), so a tied weight gets
 both of its gradients and the sequence-parallel scatter/gather runs in both directions."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
 
 from trapo_megatron.algo.loss import LossConfig, trapo_loss_from_logprobs
-from trapo_megatron.megatron.fused_output import fused_logprobs_entropy
+from trapo_megatron.megatron.fused_output import fused_logprobs_entropy, fused_trapo_loss
 from trapo_megatron.megatron.vocab_parallel import vocab_parallel_logprobs_entropy
 from trapo_megatron.testing import run_distributed
 
@@ -20,6 +22,7 @@ T, H, V = 20, 16, 24
 CFG = LossConfig(entropy_coef=0.01, tis_cap=1.5, clip_ratio_low=0.1, clip_ratio_high=0.1, temperature=0.8)
 CASES = list(itertools.product((False, True), (4, 3, None)))  # (tied, chunk tokens): 4 divides T, 3 does not
 TP2_CASES = list(itertools.product((False, True), (4, 3)))
+PATHS = ("recompute", "forward")  # the fused paths (loss.fused_output_grads); "unfused" is the reference
 
 
 def _inputs(dtype: torch.dtype):
@@ -56,8 +59,8 @@ def _hidden(emb_shard, mix, tokens, rank, tp, group, sp):
     return torch.tanh(e @ mix)
 
 
-def _logprobs(fused: bool, hidden, weight, labels, group, tp, sp, chunk):
-    if fused:
+def _logprobs(path: str, hidden, weight, labels, group, tp, sp, chunk):
+    if path == "recompute":
         return fused_logprobs_entropy(hidden, weight, labels, group, CFG.temperature, chunk, sequence_parallel=sp)
     from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
 
@@ -67,9 +70,9 @@ def _logprobs(fused: bool, hidden, weight, labels, group, tp, sp, chunk):
     return vocab_parallel_logprobs_entropy(logits, labels, group, CFG.temperature, chunk)
 
 
-def _run(fused, params, tokens, batch, probe, rank, tp, group, sp, tied, chunk):
+def _run(path, params, tokens, batch, probe, rank, tp, group, sp, tied, chunk):
     """logp, entropy, loss, metrics and the gradients of every leaf, first of a probe of (logp, entropy),
-    then of the TRAPO loss. The mixing matrix's grad is summed over TP with SP (a sequence-parallel
+    then of the TRAPO loss (the loss only on the "forward" path, which has no log-probs). The mixing matrix's grad is summed over TP with SP (a sequence-parallel
     parameter: megatron all-reduces such grads in finalize_model_grads)."""
     import torch.distributed as dist
 
@@ -79,10 +82,13 @@ def _run(fused, params, tokens, batch, probe, rank, tp, group, sp, tied, chunk):
     mix = mix_full.clone().requires_grad_()
     leaves = {"emb": emb, "mix": mix} if tied else {"emb": emb, "out": out, "mix": mix}
     result = {}
-    for what in ("probe", "loss"):
+    for what in ("loss",) if path == "forward" else ("probe", "loss"):
         hidden = _hidden(emb, mix, tokens, rank, tp, group, sp)
-        logp, ent = _logprobs(fused, hidden, out, batch["labels"], group, tp, sp, chunk)
-        loss, metrics = trapo_loss_from_logprobs(logp, ent, batch, CFG)
+        if path == "forward":
+            loss, metrics = fused_trapo_loss(hidden, out, batch, replace(CFG, chunk_tokens=chunk), group, sp)
+        else:
+            logp, ent = _logprobs(path, hidden, out, batch["labels"], group, tp, sp, chunk)
+            loss, metrics = trapo_loss_from_logprobs(logp, ent, batch, CFG)
         if what == "probe":
             (logp * probe[0].to(logp.dtype) + ent * probe[1].to(ent.dtype)).sum().backward()
             result.update(logp=logp.detach(), entropy=ent.detach())
@@ -99,11 +105,15 @@ def _run(fused, params, tokens, batch, probe, rank, tp, group, sp, tied, chunk):
 
 
 def _compare(got: dict, ref: dict, rank: int, tp: int, tol: float) -> None:
-    assert got.keys() == ref.keys()
-    for key, value in ref.items():
+    """Every entry of ``got`` equals ``ref``'s (the "forward" path has the loss entries only)."""
+    loss_only = {"loss", "metrics"} | {k for k in ref if k.startswith("loss_grad")}
+    assert got.keys() in (ref.keys(), loss_only)
+    assert "loss_grad_mix" in got and "loss_grad_emb" in got
+    for key in got:
+        value = ref[key]
         if key == "metrics":
-            for m in value:
-                torch.testing.assert_close(got[key][m], value[m], atol=tol, rtol=tol, msg=m)
+            for m in value:  # fp32 sums by design (loss.py), chunk by chunk on the "forward" path
+                torch.testing.assert_close(got[key][m], value[m], atol=max(tol, 1e-6), rtol=max(tol, 1e-6), msg=m)
             continue
         if "grad_emb" in key or "grad_out" in key:  # vocab-sharded over TP
             value = value.chunk(tp)[rank]
@@ -115,9 +125,10 @@ def _compare(got: dict, ref: dict, rank: int, tp: int, tol: float) -> None:
 @pytest.mark.parametrize("tied,chunk", CASES)
 def test_tp1_matches_unfused_and_log_softmax(dtype, tol, tied, chunk):
     params, tokens, batch, probe = _inputs(dtype)
-    run = lambda fused: _run(fused, params, tokens, batch, probe, 0, 1, None, False, tied, chunk)
-    ref = run(False)
-    _compare(run(True), ref, 0, 1, tol)
+    run = lambda path: _run(path, params, tokens, batch, probe, 0, 1, None, False, tied, chunk)
+    ref = run("unfused")
+    for path in PATHS:
+        _compare(run(path), ref, 0, 1, tol)
     # Independent oracle for the unfused values: a full fp64 log_softmax of the logits.
     emb, out, mix = (p.double() for p in params)
     logsm = torch.log_softmax(torch.tanh(emb[tokens] @ mix) @ (emb if tied else out).t() / CFG.temperature, -1)
@@ -130,12 +141,18 @@ def test_tp1_matches_unfused_and_log_softmax(dtype, tol, tied, chunk):
 def test_bf16_close_to_fp32():
     """bf16 hidden states and weight: fp32 statistics; the gradients are rounded to bf16 like the unfused."""
     params, tokens, batch, probe = _inputs(torch.bfloat16)
-    ref = _run(False, params, tokens, batch, probe, 0, 1, None, False, False, 3)
-    got = _run(True, params, tokens, batch, probe, 0, 1, None, False, False, 3)
+    ref = _run("unfused", params, tokens, batch, probe, 0, 1, None, False, False, 3)
+    got = _run("recompute", params, tokens, batch, probe, 0, 1, None, False, False, 3)
     assert got["probe_grad_out"].dtype == torch.bfloat16
     for key in ("logp", "entropy", "loss"):
         torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-5)
     for key in ("probe_grad_out", "probe_grad_emb", "loss_grad_mix"):
+        torch.testing.assert_close(got[key].float(), ref[key].float(), atol=2e-2, rtol=2e-2)
+    # gradients in forward: the weight gradient summed in fp32 over the chunks, rounded once
+    got = _run("forward", params, tokens, batch, probe, 0, 1, None, False, False, 3)
+    assert got["loss_grad_out"].dtype == torch.bfloat16
+    torch.testing.assert_close(got["loss"], ref["loss"], atol=1e-5, rtol=1e-5)
+    for key in ("loss_grad_out", "loss_grad_emb", "loss_grad_mix"):
         torch.testing.assert_close(got[key].float(), ref[key].float(), atol=2e-2, rtol=2e-2)
 
 
@@ -152,8 +169,8 @@ def _tp2_worker(rank: int, world: int) -> dict:
     batch = {k: platform.to_device(v) for k, v in batch.items()}
     out = {}
     for sp, (tied, chunk) in itertools.product((False, True), TP2_CASES):
-        for fused in (False, True):
-            out[(fused, sp, tied, chunk)] = _run(fused, params, tokens, batch, probe, rank, world, group, sp,
+        for path in ("unfused", *PATHS):
+            out[(path, sp, tied, chunk)] = _run(path, params, tokens, batch, probe, rank, world, group, sp,
                                                  tied, chunk)
     platform.destroy()
     return out
@@ -164,11 +181,11 @@ def test_tp2_with_and_without_sequence_parallel_matches_tp1():
     params, tokens, batch, probe = _inputs(torch.float32)
     refs = {}
     for rank, res in enumerate(results):
-        for (fused, sp, tied, chunk), got in res.items():
+        for (path, sp, tied, chunk), got in res.items():
             if (tied, chunk) not in refs:
-                refs[tied, chunk] = _run(False, params, tokens, batch, probe, 0, 1, None, False, tied, chunk)
+                refs[tied, chunk] = _run("unfused", params, tokens, batch, probe, 0, 1, None, False, tied, chunk)
             _compare(got, refs[tied, chunk], rank, 2, 1e-5)
-    assert len(results[0]) == 16
+    assert len(results[0]) == 24
 
 
 FAMILIES = (("qwen2", False), ("llama", True))  # untied; tied (the output weight is the embedding's)
@@ -191,7 +208,7 @@ def _trapo_micro_batches(vocab: int) -> list[dict]:
 
 
 def _model_worker(rank: int, world: int, tp: int) -> dict:
-    """Per family and path (unfused, fused): the metric sums (last stage) and this stage's full gradients of a
+    """Per family and path (unfused, and the two fused paths): the metric sums (last stage) and this stage's full gradients of a
     real GPTModel through megatron's forward_backward_func, as MegatronPolicy.train_step computes them;
     the pipeline has world / tp stages."""
     from _megatron_helpers import fill_deterministic, full_grads, tiny_hf_config
@@ -208,18 +225,19 @@ def _model_worker(rank: int, world: int, tp: int) -> dict:
         hf = tiny_hf_config(family, tied=tied)
         chunks = step.wrap_ddp(model_builder.build_model(hf, parallel), use_distributed_optimizer=False)
         fill_deterministic(chunks, tied)
-        for fused in (False, True):
-            def loss_fn(output, mb, fused=fused, model=chunks[-1]):
-                if fused:
-                    return fused_output.trapo_loss_from_hidden(output, model, mb, CFG_MODEL, tp_group)
+        for path in ("unfused", *PATHS):
+            def loss_fn(output, mb, path=path, model=chunks[-1]):
+                if path != "unfused":
+                    cfg = replace(CFG_MODEL, fused_output_grads=path)
+                    return fused_output.trapo_loss_from_hidden(output, model, mb, cfg, tp_group)
                 return trapo_loss(output, mb, CFG_MODEL, tp_group=tp_group)
 
             for c in chunks:
                 c.zero_grad_buffer()
             reported = step.forward_backward(chunks, _trapo_micro_batches(hf.vocab_size), loss_fn,
-                                             hidden_states=fused)
+                                             hidden_states=path != "unfused")
             metrics = {k: sum(float(r[k]) for r in reported) for k in reported[0]} if reported else None
-            result[family, fused] = {"grads": full_grads(chunks), "metrics": metrics,
+            result[family, path] = {"grads": full_grads(chunks), "metrics": metrics,
                                      "sp": chunks[-1].module.config.sequence_parallel}
     platform.destroy()
     return result
@@ -242,11 +260,12 @@ def test_whole_model_gradients_fused_equal_unfused_at_tp1_tp2sp_pp2():
     ref = run_distributed(_model_worker, 1, 1)[0]
     layouts = {"tp2": run_distributed(_model_worker, 2, 2), "pp2": run_distributed(_model_worker, 2, 1)}
     for family, tied in FAMILIES:
-        base = ref[family, False]
-        runs = {"tp1 fused": ref[family, True]}
-        runs.update({f"{name} {'fused' if fused else 'unfused'}": _merge_stages(res, (family, fused))
-                     for name, res in layouts.items() for fused in (False, True)})
-        assert [got["sp"] for got in runs.values()] == [False, True, True, False, False]  # SP on at TP2 (CPU too)
+        base = ref[family, "unfused"]
+        runs = {f"tp1 {path}": ref[family, path] for path in PATHS}
+        runs.update({f"{name} {path}": _merge_stages(res, (family, path))
+                     for name, res in layouts.items() for path in ("unfused", *PATHS)})
+        # SP on at TP2 (on the CPU path too)
+        assert [got["sp"] for got in runs.values()] == [False, False, True, True, True, False, False, False]
         for run, got in runs.items():
             grads = dict(got["grads"])
             if tied and run.startswith("pp2"):  # the last stage's copy of the tied embedding: its summed grad

@@ -82,8 +82,13 @@ class LossConfig:
     fused_output_layer: bool = True
     """Compute log-probs and entropy from the final hidden states chunk by chunk, fusing Megatron's output
     layer into the kernels so the [T, V/TP] logits and their gradient never exist (megatron/fused_output.py;
-    the same losses and gradients, one more output-layer GEMM: backward recomputes the logits); False: the
-    output layer writes the logits, the kernels read them."""
+    the same losses and gradients); False: the output layer writes the logits, the kernels read them."""
+    fused_output_grads: Literal["forward", "recompute"] = "forward"
+    """With fused_output_layer, when the gradients are computed: "forward" (the loss is a sum of per-token
+    terms with weights fixed before the step, so each token chunk's gradient is known in forward: three
+    output-layer GEMMs like the unfused path, and the [V/TP, h] weight gradient, fp32 for a bf16 model, held
+    until backward); "recompute" (only per-token statistics kept: backward recomputes the logits, one GEMM
+    more)."""
 
     def __post_init__(self) -> None:
         for name, table in (
@@ -112,6 +117,10 @@ class LossConfig:
             raise ValueError(f"LossConfig.entropy_coef must be a finite number >= 0, got {self.entropy_coef}")
         if self.entropy_mode not in ("loss_tokens", "official"):
             raise ValueError(f"LossConfig.entropy_mode must be 'loss_tokens' or 'official', got {self.entropy_mode!r}")
+        if self.fused_output_grads not in ("forward", "recompute"):
+            raise ValueError(
+                f"LossConfig.fused_output_grads must be 'forward' or 'recompute', got {self.fused_output_grads!r}"
+            )
         if self.entropy_micro_batch_tokens < 1:
             raise ValueError(
                 f"LossConfig.entropy_micro_batch_tokens must be >= 1, got {self.entropy_micro_batch_tokens}"

@@ -72,6 +72,33 @@ def _upcast(chunk: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     return chunk if chunk.dtype == buf.dtype else buf.copy_(chunk)
 
 
+def chunk_partials_(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    e: torch.Tensor,
+    index: torch.Tensor,
+    held: torch.Tensor,
+    inv_temp: float,
+    with_entropy: bool,
+    local_max: torch.Tensor,
+    sums: torch.Tensor,
+) -> None:
+    """One token chunk's share of :func:`local_partials`: logits ``x`` [C, V/P] (any float dtype), work
+    buffers ``u``, ``e`` [C, V/P] in the accumulation dtype (``u`` may be ``x`` itself when it has that dtype
+    and may be overwritten), ``index`` / ``held`` [C] from :func:`_local_targets`; writes ``local_max`` [C] and
+    ``sums`` [3, C]. Afterwards ``u`` holds z - m and ``e`` holds e^(z - m)."""
+    acc = u.dtype
+    target = x.gather(1, index.unsqueeze(-1)).squeeze(-1).to(acc) * inv_temp
+    m = x.amax(dim=-1).to(acc) * inv_temp
+    local_max.copy_(m)
+    torch.add(-m.unsqueeze(-1), _upcast(x, u), alpha=inv_temp, out=u)  # z - m
+    torch.exp(u, out=e)
+    torch.sum(e, dim=-1, out=sums[0])
+    if with_entropy:  # sum_v e_v u_v as a batched dot product: no [C, V/P] temporary
+        sums[1] = torch.bmm(e.unsqueeze(1), u.unsqueeze(2)).view(-1)
+    sums[2] = torch.where(held, target, torch.zeros_like(target))
+
+
 def local_partials(
     chunk_logits: Callable[[int, int], torch.Tensor],
     labels: torch.Tensor,
@@ -97,16 +124,8 @@ def local_partials(
     u_buf = torch.empty((rows, vocab_local), dtype=acc, device=device)  # the only [C, V/P] work buffers
     e_buf = torch.empty_like(u_buf)
     for a, b in chunks:
-        x, u, e = chunk_logits(a, b), u_buf[: b - a], e_buf[: b - a]
-        m = x.amax(dim=-1).to(acc) * inv_temp
-        local_max[a:b] = m
-        torch.add(-m.unsqueeze(-1), _upcast(x, u), alpha=inv_temp, out=u)  # z - m
-        torch.exp(u, out=e)
-        torch.sum(e, dim=-1, out=sums[0, a:b])
-        if with_entropy:  # sum_v e_v u_v as a batched dot product: no [C, V/P] temporary
-            sums[1, a:b] = torch.bmm(e.unsqueeze(1), u.unsqueeze(2)).view(-1)
-        target = x.gather(1, index[a:b].unsqueeze(-1)).squeeze(-1).to(acc) * inv_temp
-        sums[2, a:b] = torch.where(held[a:b], target, torch.zeros_like(target))
+        chunk_partials_(chunk_logits(a, b), u_buf[: b - a], e_buf[: b - a], index[a:b], held[a:b], inv_temp,
+                        with_entropy, local_max[a:b], sums[:, a:b])
     return local_max, sums
 
 
