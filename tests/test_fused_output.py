@@ -109,16 +109,16 @@ def _compare(got: dict, ref: dict, rank: int, tp: int, tol: float) -> None:
     loss_only = {"loss", "metrics"} | {k for k in ref if k.startswith("loss_grad")}
     assert got.keys() in (ref.keys(), loss_only)
     assert "loss_grad_mix" in got and "loss_grad_emb" in got
-    for key in got:
+    for key, mine in got.items():
         value = ref[key]
         if key == "metrics":
             for m in value:  # fp32 sums by design (loss.py), chunk by chunk on the "forward" path
-                torch.testing.assert_close(got[key][m], value[m], atol=max(tol, 1e-6), rtol=max(tol, 1e-6), msg=m)
+                torch.testing.assert_close(mine[m], value[m], atol=max(tol, 1e-6), rtol=max(tol, 1e-6), msg=m)
             continue
         if "grad_emb" in key or "grad_out" in key:  # vocab-sharded over TP
             value = value.chunk(tp)[rank]
         assert value.abs().sum() > 0, f"zero reference {key}"
-        torch.testing.assert_close(got[key], value, atol=tol, rtol=tol, msg=key)
+        torch.testing.assert_close(mine, value, atol=tol, rtol=tol, msg=key)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])

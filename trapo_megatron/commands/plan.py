@@ -15,6 +15,7 @@ from trapo_megatron.offload_modes import OFFLOAD_MODES
 from trapo_megatron.plan.memory import (
     GIB,
     GPUS,
+    OUTPUT_LAYERS,
     PRECISIONS,
     Fit,
     Memory,
@@ -60,6 +61,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload", default=d.offload_during_rollout, choices=OFFLOAD_MODES,
                         help="training state in host memory while vLLM runs, as engine.offload_during_rollout "
                              "(default %(default)s)")
+    parser.add_argument("--output-layer", default=d.output_layer, choices=OUTPUT_LAYERS,
+                        help="the output layer and loss: fused with gradients in forward (the trainer's default), "
+                             "fused recomputing in backward, or unfused logits, as loss.fused_output_layer / "
+                             "loss.fused_output_grads (default %(default)s)")
     parser.add_argument("--no-distributed-optimizer", action="store_true",
                         help="optimizer states replicated on every DP rank")
     parser.add_argument("--reserve-gib", type=float, default=d.reserve_gib,
@@ -73,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
         gpu=args.gpu, gpu_memory_gib=args.gpu_memory, num_gpus=args.num_gpus, gpus_per_node=min(args.gpus_per_node, args.num_gpus),
         precision=args.precision, micro_batch_size=args.micro_batch, seq_length=args.seq_length,
         rollout_tp=args.rollout_tp, rollout_seqs=args.rollout_seqs, rollout_len=args.rollout_len,
-        colocate_vllm=not args.no_vllm, offload_during_rollout=args.offload,
+        colocate_vllm=not args.no_vllm, offload_during_rollout=args.offload, output_layer=args.output_layer,
         distributed_optimizer=not args.no_distributed_optimizer, reserve_gib=args.reserve_gib,
     )
 

@@ -14,7 +14,7 @@ entropy, and then
     grad_hidden       += dlogits_block @ weight[block] fp32 accumulator [T, h] (h << V)
 
 so no weight-sized accumulator exists besides the weight gradient itself, and only ``[T, Vb]`` work
-buffers (by default at most 1/16 of the logits' elements, vocab_parallel.CHUNK_ELEMENTS).
+buffers (by default at most 1/16 of the logits' elements, chunking.py).
 
 The tensor-parallel reductions are those of megatron-core 0.19.2's ColumnParallelLinear output layer
 (tensor_parallel/layers.py, ``allreduce_dgrad`` / ``sequence_parallel``), done with megatron's own mapping
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from trapo_megatron.algo.loss import LossConfig, TokenBatch, trapo_loss_from_logprobs
+from trapo_megatron.megatron import chunking
 from trapo_megatron.megatron import vocab_parallel as vp
 
 
@@ -94,18 +95,6 @@ class _FusedOutputLogProbEntropy(torch.autograd.Function):
 TOKEN_FIELDS = tuple(TokenBatch.__annotations__)
 """The [T]-sized fields of a micro-batch that the loss reads: the ones a token chunk slices."""
 
-MIN_CHUNK_TOKENS = {"cpu": 256, "other": 1024}
-"""Tokens per chunk at least, for gradients in forward: each chunk reads and writes the whole [V/P, h] weight
-gradient, which a chunk of C tokens amortises over C/4 GEMM FLOPs per byte. Measured on 2 CPU threads (T
-1024, h 512, V 151,936): 32-token chunks took 2.0x the unfused time, 256-token ones 0.97x (fp32) and 0.57x
-(bf16). An H100 does ~300 bf16 FLOPs per byte of HBM: 1024 tokens. An explicit ``chunk_tokens`` wins."""
-
-WEIGHT_GRAD_BLOCKS = 8
-"""A low-precision weight gradient is accumulated in fp32 over token chunks, vocabulary block by block:
-each chunk's product is rounded to the model dtype once (as the unfused path rounds its single GEMM),
-through a work buffer of 1/WEIGHT_GRAD_BLOCKS of the weight."""
-
-
 class _FusedOutputLoss(torch.autograd.Function):
     """hidden [T, h], weight [V/P, h] -> the TRAPO loss (0-d, fp32), its gradients computed IN FORWARD.
 
@@ -129,17 +118,17 @@ class _FusedOutputLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=device)
         low_precision = weight.dtype != acc
-        block = -(-vocab_local // WEIGHT_GRAD_BLOCKS)
-        kind = "cpu" if device.type == "cpu" else "other"
-        chunk_tokens = cfg.chunk_tokens or max(MIN_CHUNK_TOKENS[kind], vp.CHUNK_ELEMENTS[kind] // vocab_local)
+        block = -(-vocab_local // chunking.WEIGHT_GRAD_BLOCKS)
+        chunk_tokens = cfg.chunk_tokens or chunking.forward_chunk_tokens(vocab_local, chunking.device_kind(device.type))
         chunks = list(vp._chunks(num_tokens, vocab_local, chunk_tokens, device))
         rows = max((b - a for a, b in chunks), default=0)
+        x_buf = torch.empty((rows, vocab_local), dtype=weight.dtype, device=device)  # one chunk's logits
         e_buf = torch.empty((rows, vocab_local), dtype=acc, device=device)
         u_buf = torch.empty_like(e_buf) if low_precision else None  # fp32: z - m overwrites the logits
         w_buf = torch.empty((block, weight.shape[1]), dtype=weight.dtype, device=device) if low_precision else None
         loss = torch.zeros((), dtype=acc, device=device)
         for a, b in chunks:
-            x = hidden[a:b] @ weight.t()
+            x = torch.mm(hidden[a:b], weight.t(), out=x_buf[: b - a])
             u, e = (x if u_buf is None else u_buf[: b - a]), e_buf[: b - a]
             local_max = torch.empty(b - a, dtype=acc, device=device)
             sums = torch.zeros(3, b - a, dtype=acc, device=device)

@@ -13,7 +13,7 @@ Numerics and memory:
   stay fp64, which the exactness tests use);
 - the work is chunked over tokens, so besides the gradient buffer (one logits-sized tensor, in the logits
   dtype, which autograd needs anyway) only two ``[chunk, V/P]`` fp32 work buffers exist, allocated once per
-  call and reused chunk after chunk (by default together at most 1/16 of the logits' elements);
+  call and reused chunk after chunk (by default together at most 1/16 of the logits' elements: chunking.py);
 - forward uses two all-reduces over ``[T]``-sized vectors (MAX of the local maxima, then SUM of the rescaled
   local partition sums, entropy partials and target logits); backward needs NO collective, because the
   gradient of a rank's shard depends only on that shard and on the per-token global log-partition and
@@ -31,12 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# fp32 elements of one [chunk, V/P] work buffer (two exist at a time), and at most 1/32 of the tokens per
-# chunk, so the buffers add at most 1/16 of the logits' element count in fp32. Measured on 2 CPU threads:
-# ~55 tokens of a 151,936 vocabulary per chunk cost 2-3x less CPU than the full log_softmax, while chunks of
-# a few tokens lose it to per-op thread synchronization; on an accelerator large chunks keep launches few.
-CHUNK_ELEMENTS = {"cpu": 1 << 23, "other": 1 << 24}
-MAX_CHUNK_FRACTION = 32
+from trapo_megatron.megatron import chunking
 
 
 def _group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -51,9 +46,8 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | N
 
 
 def _chunks(num_tokens: int, vocab_local: int, chunk_tokens: int | None, device: torch.device):
-    budget = CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "other"]
     if chunk_tokens is None:
-        chunk_tokens = max(1, min(budget // max(vocab_local, 1), -(-num_tokens // MAX_CHUNK_FRACTION)))
+        chunk_tokens = chunking.kernel_chunk_tokens(num_tokens, vocab_local, chunking.device_kind(device.type))
     for start in range(0, num_tokens, chunk_tokens):
         yield start, min(start + chunk_tokens, num_tokens)
 

@@ -11,7 +11,9 @@ inputs and the QKV/fc1 inputs (4h), Q, K, V and the attention output (2q + 2kv),
 SwiGLU output (3f), each divided by TP under sequence parallelism. Megatron's local spec has no flash
 attention: it also keeps the softmax output, heads x s x s per sequence. Full recompute keeps only each
 layer's input (h) plus one layer's working set. 1F1B keeps ``min(PP - stage, micro-batches)`` micro-batches in
-flight on a stage. The last stage also holds fp32 logits and their gradient (2 x 4 x s x b x V / TP).
+flight on a stage. The last stage also holds the output layer's work (:func:`output_layer_bytes`): unfused,
+fp32 logits and their gradient (2 x 4 x s x b x V / TP); fused, chunk buffers and, with gradients in forward,
+the weight gradient summed in fp32.
 The colocated vLLM engine holds bf16 weights at the rollout TP and a KV cache of
 ``2 x layers x kv_heads_per_rank x head_dim x 2 bytes`` per token, or, given vLLM's memory fraction, that
 fraction of the GPU whatever it holds. The trainer puts the engine to sleep (weights and KV cache freed)
@@ -28,7 +30,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from trapo_megatron import model_spec
-from trapo_megatron.megatron import features
+from trapo_megatron.megatron import chunking, features
 from trapo_megatron.offload_modes import OFFLOAD_MODES, OffloadMode
 from trapo_megatron.plan.model import ModelSpec, padded_vocab, stage_params, total_params
 
@@ -51,6 +53,8 @@ PRECISIONS: dict[str, dict[str, int]] = {
     "fp16": {"weight": 2, "grad": 4, "optimizer": 12, "activation": 2},
     "fp32": {"weight": 4, "grad": 4, "optimizer": 8, "activation": 4},
 }
+OUTPUT_LAYERS = ("unfused", "forward", "recompute")
+
 DTYPE_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 """model.dtype -> the precision row above."""
 
@@ -107,6 +111,9 @@ class PlanConfig:
     """Held back per GPU for the CUDA context, NCCL buffers and allocator fragmentation."""
     vocab_divisor: int = 1
     """Vocabulary padding multiple per TP rank (1: our builder; 128: Megatron-LM checkpoints)."""
+    output_layer: str = "forward"
+    """The output layer and loss (:data:`OUTPUT_LAYERS`): "unfused" (loss.fused_output_layer false), "forward"
+    or "recompute" (loss.fused_output_grads)."""
     min_headroom: float = 0.1
     """Layouts that leave less than this fraction of usable memory free rank after the others (tight)."""
 
@@ -122,6 +129,8 @@ class PlanConfig:
             raise ValueError(
                 f"PlanConfig.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}"
             )
+        if self.output_layer not in OUTPUT_LAYERS:
+            raise ValueError(f"PlanConfig.output_layer must be one of {OUTPUT_LAYERS}, got {self.output_layer!r}")
         if self.offload_during_rollout not in OFFLOAD_MODES:
             raise ValueError(f"PlanConfig.offload_during_rollout must be one of {list(OFFLOAD_MODES)}, got "
                              f"{self.offload_during_rollout!r}")
@@ -227,6 +236,30 @@ def _attention_score_bytes(spec: ModelSpec, cfg: PlanConfig, tp: int, act: int) 
     return spec.num_attention_heads // tp * cfg.micro_batch_size * cfg.seq_length**2 * per_element
 
 
+def output_layer_bytes(mode: str, tokens: int, vocab_rank: int, hidden: int, act: int, kind: str = "other") -> int:
+    """Peak extra bytes of the last stage's output layer + loss, forward and backward, for ``tokens`` tokens
+    on a rank of ``vocab_rank`` vocabulary rows of ``hidden`` columns in ``act``-byte elements; ``kind`` the
+    device kind of megatron/chunking.py. The buffers of megatron/fused_output.py and vocab_parallel.py:
+    - unfused: fp32 logits and their gradient, 2 x 4 x tokens x V/TP (a bound: the logits are 16-bit
+      under bf16);
+    - recompute: chunks of the kernels' size, [C, V/TP] logits plus two fp32 work buffers, then vocabulary
+      blocks as large, the fp32 hidden-state gradient accumulator and the weight gradient;
+    - forward: chunks of at least chunking.MIN_FORWARD_CHUNK_TOKENS, [C, V/TP] logits plus fp32 work buffers
+      (one when the logits are fp32: they are overwritten), the weight gradient summed in fp32 with its
+      block buffer and its rounded copy under 16-bit, and the hidden-state gradient."""
+    if mode == "unfused":
+        return 2 * 4 * tokens * vocab_rank
+    low = act < 4
+    weight_grad = act * vocab_rank * hidden
+    if mode == "recompute":
+        chunk = chunking.kernel_chunk_tokens(tokens, vocab_rank, kind)
+        return chunk * vocab_rank * (act + 8) + 4 * tokens * hidden + weight_grad
+    chunk = min(tokens, chunking.forward_chunk_tokens(vocab_rank, kind))
+    accumulator = (4 * vocab_rank * hidden + weight_grad + weight_grad // chunking.WEIGHT_GRAD_BLOCKS) if low \
+        else weight_grad
+    return chunk * vocab_rank * (act + (8 if low else 4)) + accumulator + act * tokens * hidden
+
+
 def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -> Memory:
     """Memory of one rank of pipeline ``stage`` under ``layout``."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
@@ -245,7 +278,8 @@ def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -
     activations = int(in_flight * layers * (tokens * per_tok * act + scores))
     recompute = int(in_flight * layers * tokens * input_tok * act + tokens * per_tok * act + scores)
     vocab_rank = padded_vocab(spec, tp, cfg.vocab_divisor) // tp
-    logits = 2 * 4 * tokens * vocab_rank if stage == pp - 1 else 0
+    logits = output_layer_bytes(cfg.output_layer, tokens, vocab_rank, spec.hidden_size, act) if stage == pp - 1 \
+        else 0
 
     vllm_weights = kv_cache = kv_per_token = 0
     if cfg.colocate_vllm:

@@ -7,7 +7,7 @@ Each planner input comes from the config field the trainer reads: tokens per mic
 included), the engine's TP ``engine.tensor_parallel_size``, its memory ``engine.vllm_gpu_memory_utilization``
 of the GPU, what is offloaded while it runs ``engine.offload_during_rollout``, the KV sequence length
 ``data.max_prompt_tokens + rollout.max_response_tokens``, the optimizer ``optimizer.use_distributed_optimizer``,
-and sequence parallelism what megatron/features.py decides for ``model.transformer_impl`` on a GPU.
+the output layer ``loss.fused_output_layer`` / ``loss.fused_output_grads``, and sequence parallelism what megatron/features.py decides for ``model.transformer_impl`` on a GPU.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def plan_config(cfg: Any, num_gpus: int, gpus_per_node: int, gpu: str = "h100-80
         rollout_len=cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens,
         vllm_memory_fraction=cfg.engine.vllm_gpu_memory_utilization,
         offload_during_rollout=cfg.engine.offload_during_rollout,
+        output_layer=cfg.loss.fused_output_grads if cfg.loss.fused_output_layer else "unfused",
     )
 
 

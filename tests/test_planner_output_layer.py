@@ -1,0 +1,42 @@
+"""The planner's output-layer term (plan/memory.py output_layer_bytes) against the measured peak memory of
+the real fused output layer + TRAPO loss, forward and backward, on the CPU (the device kind's chunk sizes):
+one real anchor per mode and dtype, within 15%. Measured in a fresh interpreter with glibc's mmap threshold
+pinned, as benchmarks/fused_output.py measures (freed buffers go back to the system)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trapo_megatron.plan.memory import output_layer_bytes
+
+TOKENS, HIDDEN, VOCAB = 2048, 256, 16384
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+MEASURE = f"""
+import functools, sys, torch
+sys.path.insert(0, {str(BENCH)!r})
+from fused_output import clear_grads, fused, make_inputs, recompute, runner
+from loss_kernel import CFG, DTYPES, peak_extra_bytes
+torch.set_num_threads(1)
+mode, dtype = sys.argv[1], DTYPES[sys.argv[2]]
+h, w, batch = make_inputs({TOKENS}, {HIDDEN}, {VOCAB}, dtype)
+assert CFG.chunk_tokens is None  # the default chunk sizes, which the planner models
+print(peak_extra_bytes(runner({{"forward": fused, "recompute": recompute}}[mode], h, w, batch),
+                       functools.partial(clear_grads, h, w), "cpu"))
+"""
+
+
+@pytest.mark.parametrize("mode,dtype", [("forward", "fp32"), ("forward", "bf16"), ("recompute", "fp32")])
+def test_output_layer_term_matches_measured_peak(mode: str, dtype: str) -> None:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    out = subprocess.run([sys.executable, "-c", MEASURE, mode, dtype], check=True, capture_output=True, text=True,
+                         env=env).stdout
+    measured = float(out.strip().splitlines()[-1])
+    planned = output_layer_bytes(mode, TOKENS, VOCAB, HIDDEN, 4 if dtype == "fp32" else 2, kind="cpu")
+    assert planned == pytest.approx(measured, rel=0.15), (mode, dtype, planned / 2**20, measured / 2**20)
+    # the fused paths never plan the unfused logits: the whole point of them
+    assert planned < output_layer_bytes("unfused", TOKENS, VOCAB, HIDDEN, 4) / 2
