@@ -1,20 +1,28 @@
-"""The output layer fused with the log-prob / entropy kernels: hidden states in, per-token statistics out,
-the ``[T, V/P]`` logits never materialised.
+"""The output layer fused with the log-prob / entropy kernels and the TRAPO loss: hidden states in, loss (or
+per-token statistics) out, the ``[T, V/P]`` logits never materialised.
 
     logits = hidden @ weight.T           hidden [T, h] (the final norm's output), weight [V/P, h]
     logp[t], entropy[t]                  as in vocab_parallel.py (temperature applied)
 
-Forward walks token chunks: each chunk's local logits ``[C, V/P]`` are computed, reduced to the per-token
-statistics of :func:`vocab_parallel.local_partials` and dropped; the two ``[T]``-sized all-reduces of
-:func:`vocab_parallel.combine_partials` follow, as for materialised logits. Backward walks VOCABULARY blocks
-``[T, Vb]``: it recomputes the block's logits, turns them into dL/dlogits with the saved log-partition and
-entropy, and then
+Two ways to get the gradients (``loss.fused_output_grads``):
+
+- "forward" (:class:`_FusedOutputLoss`, the default): the TRAPO loss is a sum of per-token terms whose
+  weights are fixed before the step, so each token chunk's dL/dlogits is known in forward as soon as the
+  chunk's log-partition and entropy are. Forward computes the chunk's logits once, its statistics (two
+  [C]-sized all-reduces), the per-token loss derivatives, dL/dlogits in the same buffers, and both gradient
+  GEMMs: three output-layer GEMMs like the unfused path. The weight gradient is summed over the chunks (in
+  fp32 for a 16-bit weight) and held until backward, which only scales the saved gradients. Chunks are large
+  (chunking.MIN_FORWARD_CHUNK_TOKENS), because each one reads and writes that sum.
+- "recompute" (:func:`fused_logprobs_entropy`, any differentiable use of logp / entropy): forward walks token
+  chunks and keeps only per-token statistics (the two all-reduces of :func:`vocab_parallel.combine_partials`
+  over all T). Backward walks VOCABULARY blocks ``[T, Vb]``: it recomputes the block's logits, turns them
+  into dL/dlogits with the saved log-partition and entropy, and then
 
     grad_weight[block] = dlogits_block.T @ hidden     one GEMM per block, written in place: exact, no sum
     grad_hidden       += dlogits_block @ weight[block] fp32 accumulator [T, h] (h << V)
 
-so no weight-sized accumulator exists besides the weight gradient itself, and only ``[T, Vb]`` work
-buffers (by default at most 1/16 of the logits' elements, chunking.py).
+  so no weight-sized accumulator exists besides the weight gradient itself, and only ``[T, Vb]`` work
+  buffers: the least memory, one GEMM more.
 
 The tensor-parallel reductions are those of megatron-core 0.19.2's ColumnParallelLinear output layer
 (tensor_parallel/layers.py, ``allreduce_dgrad`` / ``sequence_parallel``), done with megatron's own mapping
