@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--alphas", nargs="*", type=float, default=list(ALPHAS), help="TrSFT alphas (addition task)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write docs/ablation.md and the PNG from the runs already finished")
     p.add_argument("--quick", action="store_true",
                    help="smoke mode: 1 seed, 4 steps of 2 prompts, grpo + trapo on addition, no alpha sweep, "
                         "into a temp dir unless --out / --docs are given")
@@ -279,7 +281,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_report(args: argparse.Namespace, results: list[dict], wall_seconds: float, argv: list[str]) -> Path:
+def write_report(args: argparse.Namespace, results: list[dict], argv: list[str]) -> Path:
     args.docs.mkdir(parents=True, exist_ok=True)
     md, png = args.docs / "ablation.md", args.docs / "ablation.png"
     alpha_configs = [f"trsft_a{a:g}" for a in args.alphas]
@@ -290,7 +292,7 @@ def write_report(args: argparse.Namespace, results: list[dict], wall_seconds: fl
         groups.append(("addition: TrSFT alpha sweep", "addition", alpha_configs))
     plot(alpha_results + [r for r in results if r["task"] != "addition"], groups, png)
     seconds = [r["seconds"] for r in results]
-    cmd = " ".join(["python tools/ablation.py", *argv])
+    cmd = " ".join(["python tools/ablation.py", *(a for a in argv if a != "--report-only")])
     parts = [
         "# TRAPO's ablation at toy scale",
         "",
@@ -305,8 +307,9 @@ def write_report(args: argparse.Namespace, results: list[dict], wall_seconds: fl
         f"0/0.2/0.5/1.0) unless the ablation config changes them; greedy held-out accuracy (unguided) on "
         f"{args.eval_problems} held-out problems every {args.eval_every} steps. {len(results)} runs, "
         f"{args.jobs} at a time: one run took {min(seconds, default=0):.0f}-{max(seconds, default=0):.0f} s "
-        f"(median {statistics.median(seconds) if seconds else 0:.0f} s) wall, the sweep "
-        f"{wall_seconds / 60:.1f} min in this invocation (2 cores shared with other work, so times are rough)."),
+        f"(median {statistics.median(seconds) if seconds else 0:.0f} s) wall; the runs' times add up to "
+        f"{sum(seconds) / 60:.0f} min, about {sum(seconds) / args.jobs / 60:.0f} min of wall time at {args.jobs} "
+        "at a time (2 cores shared with other work: times are rough)."),
         "",
         ("Columns: held-out accuracy at step 0 (the base model) and at the last step; the rest are means over the "
         f"last {LAST} steps: entropy of response tokens, unguided response length (tokens), the fraction of "
@@ -337,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     runs = plan(args)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - here, once: transformers'
+    # lazy imports are not thread-safe, and greedy_styles runs in the pool's threads
+
     lock, done, failed = threading.Lock(), [], []
     t0 = time.perf_counter()
     print(f"ablation: {len(runs)} runs of {args.steps} steps x {args.prompts} prompts, {args.jobs} at a time, "
@@ -345,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     def one(i_run: tuple[int, Run]) -> None:
         i, run = i_run
         record = run_dir(args, run) / "result.json"
+        if args.report_only and not record.is_file():
+            return
         try:
             skipped = record.is_file()
             result = json.loads(record.read_text()) if skipped else execute(args, run)
@@ -364,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     order = {r.name: k for k, r in enumerate(runs)}
     done.sort(key=lambda r: order[f"{r['task']}/{r['config']}/seed{r['seed']}"])
-    md = write_report(args, done, wall, argv)
+    md = write_report(args, done, argv)
     print(f"ablation: {len(done)} runs done, {len(failed)} failed, {wall / 60:.1f} min; wrote {md} and "
           f"{md.with_suffix('.png')}", flush=True)
     if failed:
