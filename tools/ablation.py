@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -33,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 TASKS = {"addition": "examples/tiny_cpu.yaml", "two_styles": "examples/two_styles_cpu.yaml"}
+TASK_ASSETS = {"addition": "trapo_megatron/assets/demo", "two_styles": "trapo_megatron/assets/two_styles"}
 CONFIGS = ("grpo", "grpo_microgroup", "mg_sft", "mg_luffy", "trapo", "sft_only")
 LABELS = {"grpo": "GRPO", "grpo_microgroup": "GRPO + micro-groups", "mg_sft": "+ MG + standard SFT",
           "mg_luffy": "+ MG + LUFFY", "trapo": "TRAPO (+ MG + TrSFT)", "sft_only": "SFT only"}
@@ -145,16 +147,16 @@ def summarize(rows: list[dict]) -> dict:
     return {"heldout_start": evals[0][1] if evals else None, "heldout_end": evals[-1][1] if evals else None,
             "curve": evals, "entropy": tail("entropy_mean"), "response_len": tail("response_len_unguided"),
             "guided_fraction": tail("guided_fraction"), "guided_mg2": tail("guided_mg2") or 0.0,
-            "reward_unguided": tail("reward_unguided"), "prefix_p_mean": tail("prefix_p_mean")}
+            "reward_unguided": tail("reward_unguided"),
+            "prefix_p_mean": tail("prefix_p_mean") if tail("sft_tokens") else None}  # None: no prefix tokens
 
 
 def greedy_styles(hf_dir: Path, heldout: Path, limit: int) -> dict:
     """Greedy outputs of the exported model on ``limit`` held-out problems, sorted by how they are written:
     exactly the style-A solution, exactly the style-B one, or anything else (a blend, an error); plus the
     fraction whose last boxed integer is the answer (math-verify is not used here: its timeouts need signals,
-    which only the main thread has)."""
-    import re
-
+    which only the main thread has); and the column steps of all outputs checked one by one (``step_kind``),
+    with the fraction of outputs that mix a style-A and a style-B step."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,8 +171,13 @@ def greedy_styles(hf_dir: Path, heldout: Path, limit: int) -> dict:
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=48,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-    counts = {"style_a": 0, "style_b": 0, "other": 0, "correct": 0}
+    counts = {"style_a": 0, "style_b": 0, "other": 0, "correct": 0, "mixed": 0}
+    steps = {"step_a": 0, "step_b": 0, "step_bad": 0}
     for r, text in zip(rows, texts):
+        kinds = [step_kind(*map(int, m)) for m in STEP.findall(text)]
+        for kind in kinds:
+            steps[kind] += 1
+        counts["mixed"] += "step_a" in kinds and "step_b" in kinds
         a, b = map(int, r["problem"][:-1].split("+"))
         text = text.strip()
         key = ("style_a" if text == toy_task.expert_solution(a, b)
@@ -178,7 +185,26 @@ def greedy_styles(hf_dir: Path, heldout: Path, limit: int) -> dict:
         counts[key] += 1
         boxed = re.findall(r"\\boxed\{(\d+)\}", text)
         counts["correct"] += bool(boxed) and boxed[-1] == r["answer"]
-    return {k: v / len(rows) for k, v in counts.items()}
+    num_steps = sum(steps.values())  # 0 when no output has a column step (a collapsed policy): None below
+    return {**{k: v / len(rows) for k, v in counts.items()}, "num_steps": num_steps,
+            **{k: v / num_steps if num_steps else None for k, v in steps.items()}}
+
+
+STEP = re.compile(r"(\d)\+(\d)\+(\d)=(\d)(\d);")
+"""One column step as either style writes it: digit + digit + carry in = two result digits."""
+
+
+def step_kind(da: int, db: int, carry: int, first: int, second: int) -> str:
+    """A step checked against its own operands: "step_a" if its result reads carry then sum digit (a step
+    both styles write alike, e.g. 5+6+0=11, counts here), "step_b" if sum digit then carry, else "step_bad"."""
+    total = da + db + carry
+    if (first, second) == divmod(total, 10):
+        return "step_a"
+    return "step_b" if (second, first) == divmod(total, 10) else "step_bad"
+
+
+def heldout_path(run: Run) -> Path:
+    return REPO / TASK_ASSETS[run.task] / "heldout.jsonl"
 
 
 def execute(args: argparse.Namespace, run: Run) -> dict:
@@ -199,11 +225,10 @@ def execute(args: argparse.Namespace, run: Run) -> dict:
         raise RuntimeError(f"{run.name}: trapo train exited {proc.returncode}; last lines of {out / 'train.log'}:\n"
                            + "\n".join(tail))
     rows = read_rows(out / "metrics.jsonl")
-    heldout = REPO / "trapo_megatron" / "assets" / ("demo" if run.task == "addition" else run.task) / "heldout.jsonl"
     result = {"task": run.task, "config": run.config, "seed": run.seed, "alpha": run.alpha,
               "steps": max((r["step"] for r in rows), default=0), "prompts_per_step": args.prompts,
               "seconds": sum(a["seconds"] for a in attempts) + seconds, "attempts": len(attempts) + 1,
-              **summarize(rows), "greedy": greedy_styles(out / "hf", heldout, args.eval_problems)}
+              **summarize(rows), "greedy": greedy_styles(out / "hf", heldout_path(run), args.eval_problems)}
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     for ckpt in sorted((out / "checkpoints").glob("step_*")):  # finished: the record is all that is read again
         subprocess.run(["rm", "-rf", str(ckpt)], check=True)
@@ -223,9 +248,10 @@ def mean_spread(vals: list[float | None], fmt: str = "{:.3f}") -> str:
 def table(results: list[dict], configs: list[str], labels: dict[str, str], extra: dict[str, str] | None = None,
           styles: bool = False) -> str:
     head = ["config", "seeds", "held-out acc. (start -> end)", "entropy", "response len", "guided samples",
-            "guided prompts mg2"]
+            "guided prompts mg2", "expert-prefix p"]
     if styles:
-        head += ["greedy style A", "greedy style B", "greedy other"]
+        head += ["greedy = style A", "greedy = style B", "greedy mixes A and B", "steps in style B",
+                 "invalid steps"]
     if extra:
         head.append("paper (7B)")
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -237,9 +263,10 @@ def table(results: list[dict], configs: list[str], labels: dict[str, str], extra
                f"{mean_spread([r['heldout_start'] for r in rs])} -> **{mean_spread([r['heldout_end'] for r in rs])}**",
                mean_spread([r["entropy"] for r in rs]), mean_spread([r["response_len"] for r in rs], "{:.1f}"),
                mean_spread([r["guided_fraction"] for r in rs], "{:.2f}"),
-               mean_spread([r["guided_mg2"] for r in rs], "{:.2f}")]
+               mean_spread([r["guided_mg2"] for r in rs], "{:.2f}"), mean_spread([r["prefix_p_mean"] for r in rs])]
         if styles:
-            row += [mean_spread([r["greedy"][k] for r in rs], "{:.2f}") for k in ("style_a", "style_b", "other")]
+            row += [mean_spread([r["greedy"].get(k) for r in rs], "{:.2f}")
+                    for k in ("style_a", "style_b", "mixed", "step_b", "step_bad")]
         if extra:
             row.append(extra.get(config, "-"))
         lines.append("| " + " | ".join(row) + " |")
@@ -247,7 +274,8 @@ def table(results: list[dict], configs: list[str], labels: dict[str, str], extra
 
 
 def plot(results: list[dict], groups: list[tuple[str, str, list[str]]], path: Path) -> None:
-    """Held-out accuracy over steps, mean over seeds with the min-max band, one panel per group."""
+    """Held-out accuracy over steps, mean over seeds with the min-max band, one panel per group (the GRPO
+    configs dashed: without prefix loss they often lie on top of each other at 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,15 +283,17 @@ def plot(results: list[dict], groups: list[tuple[str, str, list[str]]], path: Pa
 
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), constrained_layout=True, squeeze=False)
     for ax, (title, task, configs) in zip(axes.flat, groups):
-        for config in configs:
+        for k, config in enumerate(configs):
             curves = [dict(r["curve"]) for r in results if r["task"] == task and r["config"] == config]
             if not curves:
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             ys = [[c[s] for c in curves] for s in steps]
-            ax.plot(steps, [statistics.mean(y) for y in ys], marker="o", markersize=3,
-                    label=f"{LABELS.get(config, config)} (n={len(curves)})")
-            ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], alpha=0.15)
+            color = f"C{k}"  # a config keeps its colour from panel to panel
+            ax.plot(steps, [statistics.mean(y) for y in ys], marker="o", markersize=3, color=color,
+                    linestyle="--" if config.startswith("grpo") else "-", label=f"{LABELS.get(config, config)} "
+                    f"(n={len(curves)})")
+            ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.12)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("greedy held-out accuracy (unguided)")
@@ -290,7 +320,7 @@ def write_report(args: argparse.Namespace, results: list[dict], argv: list[str])
     groups = [(f"{task}: ablation configs", task, list(args.configs)) for task in args.tasks]
     if args.alphas and "addition" in args.tasks:
         groups.append(("addition: TrSFT alpha sweep", "addition", alpha_configs))
-    plot(alpha_results + [r for r in results if r["task"] != "addition"], groups, png)
+    plot(results + [r for r in alpha_results if r["config"] == f"trsft_a{TRAPO_ALPHA:g}"], groups, png)
     seconds = [r["seconds"] for r in results]
     cmd = " ".join(["python tools/ablation.py", *(a for a in argv if a != "--report-only")])
     parts = [
@@ -313,7 +343,8 @@ def write_report(args: argparse.Namespace, results: list[dict], argv: list[str])
         "",
         ("Columns: held-out accuracy at step 0 (the base model) and at the last step; the rest are means over the "
         f"last {LAST} steps: entropy of response tokens, unguided response length (tokens), the fraction of "
-        "samples that carried an expert prefix and the fraction of prompts guided at micro-group 2. Cells are "
+        "samples that carried an expert prefix, the fraction of prompts guided at micro-group 2 and the policy's "
+        "mean probability of the expert-prefix tokens it trained on (`prefix_p_mean`). Cells are "
         "mean ± standard deviation over seeds."),
     ]
     for task in args.tasks:
@@ -322,9 +353,16 @@ def write_report(args: argparse.Namespace, results: list[dict], argv: list[str])
                   table(rs, list(args.configs), LABELS, PAPER if task == "addition" else None,
                         styles=task == "two_styles")]
         if task == "two_styles":
-            parts += ["", ("Greedy style columns: the fraction of the exported model's greedy held-out outputs that "
-                      "are exactly the style-A solution, exactly the style-B one, or anything else (a blend of the "
-                      "two, an arithmetic slip, a truncation).")]
+            base = greedy_styles(REPO / TASK_ASSETS[task] / "model", REPO / TASK_ASSETS[task] / "heldout.jsonl",
+                                 args.eval_problems)
+            parts += ["", (f"The base model (step 0), for reference: greedy = style A {base['style_a']:.2f}, = style B "
+                      f"{base['style_b']:.2f}, mixes A and B {base['mixed']:.2f}, steps in style B "
+                      f"{base['step_b'] or 0:.2f}, invalid steps {base['step_bad'] or 0:.2f}.")]
+            parts += ["", ("Greedy columns, from the exported model's greedy outputs on the same held-out problems: "
+                      "the fraction that is exactly the style-A solution, exactly the style-B one, or mixes a "
+                      "style-A step with a style-B step (the token-level blend); then every column step of every "
+                      "output checked against its own digits: the fraction written in style B (sum digit first) "
+                      "and the fraction valid in neither style.")]
     if args.alphas and "addition" in args.tasks:
         parts += ["", "## TrSFT alpha sweep (task `addition`, TRAPO with `loss.trsft_alpha` = alpha)", "",
                   table(alpha_results, alpha_configs, {c: f"alpha {c[len('trsft_a'):]}" for c in alpha_configs}),
@@ -356,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             skipped = record.is_file()
             result = json.loads(record.read_text()) if skipped else execute(args, run)
+            if skipped:  # the end-of-run summary as this version of the tool reads metrics.jsonl
+                result.update(summarize(read_rows(record.parent / "metrics.jsonl")))
+            if "num_steps" not in result["greedy"]:  # a record from before the step-level check: score it again
+                result["greedy"] = greedy_styles(record.parent / "hf", heldout_path(run), args.eval_problems)
+                record.write_text(json.dumps(result, indent=1) + "\n")
         except Exception as e:  # noqa: BLE001 - one failed run must not stop the sweep; reported at the end
             with lock:
                 failed.append(run.name)
