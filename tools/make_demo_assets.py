@@ -2,6 +2,7 @@
 
     python tools/make_demo_assets.py                      # writes trapo_megatron/assets/demo/
     python tools/make_demo_assets.py --out /tmp/demo      # somewhere else
+    python tools/make_demo_assets.py --task two_styles    # the second toy task: trapo_megatron/assets/two_styles/
 
 Everything is seeded and runs on 2 CPU threads in well under a minute. Layout written under --out:
     train.jsonl, heldout.jsonl        rows {"problem", "answer", "solution"}
@@ -9,6 +10,11 @@ Everything is seeded and runs on 2 CPU threads in well under a minute. Layout wr
     model/                            complete HF checkpoint: config, safetensors, generation config, tokenizer
     README.md                         how they were made and the measured base accuracy
 The warm-up uses the first --num-warmup rows of train.jsonl; the held-out split is never trained on.
+
+`--task two_styles` (the ablation's second task, docs/ablation.md): the same problems, but about half of the
+train rows carry their expert solution in style B (toy_task.expert_solution_swapped: each column's two result
+digits swapped), the rest in style A; the warm-up sees only the first --num-warmup style-A rows, so the base
+model knows style A alone and expert prefixes come from both.
 """
 
 from __future__ import annotations
@@ -33,19 +39,25 @@ import torch
 
 from trapo_megatron.data import toy_task
 
-DEFAULT_OUT = REPO / "trapo_megatron" / "assets" / "demo"
+ASSETS = REPO / "trapo_megatron" / "assets"
+TASKS = ("addition", "two_styles")
 VOCAB_MULTIPLE = 16  # Megatron splits the vocabulary over TP ranks: keep it divisible
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (replaced)")
+    p.add_argument("--task", choices=TASKS, default="addition",
+                   help="addition: the demo's task; two_styles: expert solutions in two styles, warm-up on one")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (replaced; default trapo_megatron/assets/demo, or .../two_styles)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, model init and warm-up order")
     p.add_argument("--num-train", type=int, default=4000, help="train rows")
     p.add_argument("--num-heldout", type=int, default=toy_task.NUM_HELDOUT, help="held-out rows")
     p.add_argument("--num-warmup", type=int, default=300, help="first train rows used for the SFT warm-up")
     p.add_argument(
-        "--warmup-epochs", type=int, default=10, help="SFT warm-up epochs (0: ship the random init)"
+        "--warmup-epochs", type=int, default=None,
+        help="SFT warm-up epochs (0: ship the random init; default 10, 13 for two_styles, whose style-A rows "
+             "need a few more to reach the demo's base accuracy)",
     )
     p.add_argument("--warmup-lr", type=float, default=1e-3, help="AdamW learning rate of the warm-up")
     p.add_argument("--warmup-batch", type=int, default=16, help="sequences per warm-up step")
@@ -53,7 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max-new-tokens", type=int, default=40, help="generation budget of the greedy evaluation"
     )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = 13 if args.task == "two_styles" else 10
+    if args.out is None:
+        args.out = ASSETS / ("demo" if args.task == "addition" else args.task)
+    return args
 
 
 def build_model(tokenizer, seed: int):
@@ -158,10 +175,24 @@ def write_readme(out: Path, args: argparse.Namespace, tokenizer, model, stats: d
     merges = [
         t for t, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]) if len(t) > 1 and i > 0
     ]
-    ex = json.loads((out / "train.jsonl").open().readline())
-    text = f"""# CPU demo assets
+    ex = next(r for r in toy_task.read_jsonl(out / "train.jsonl") if toy_task.is_style_a(r))  # the first row
+    two = args.task == "two_styles"
+    title = "Two-style toy task assets (the ablation's second task)" if two else "CPU demo assets"
+    which = "style-A rows" if two else "rows"
+    styles = f"""
+Two styles (`--task two_styles`): {stats.get("num_style_b", 0)} of the {args.num_train} train rows carry their
+expert solution in style B (`toy_task.expert_solution_swapped`: each column step writes its sum digit first
+and the carry second, `7+5+0=21;`), the others in style A (`7+5+0=12;`). The warm-up below sees style A only,
+so the base model knows one style; expert prefixes come from both. Alone each style is valid; a token-level
+blend (one digit from each style) gets the carries, and so the sum, wrong. Held-out rows are graded on the
+answer only. Example style-B row:
 
-Generated by `python tools/make_demo_assets.py` (seed {args.seed}, {args.threads} torch threads); do not
+    {json.dumps(stats.get("example_b"))}
+""" if two else ""
+    text = f"""# {title}
+
+Generated by `python tools/make_demo_assets.py{" --task two_styles" if two else ""}` (seed {args.seed}, \
+{args.threads} torch threads); do not
 edit by hand, re-run the script. Task, format and tokenizer are defined in `trapo_megatron/data/toy_task.py`.
 
 ## Task
@@ -170,7 +201,7 @@ solution adds the columns from the units up (`digit+digit+carry_in=carry_out sum
 the reward is math-verify on the response against `answer`. Example row:
 
     {json.dumps(ex)}
-
+{styles}
 - `train.jsonl`: {args.num_train} rows; `heldout.jsonl`: {args.num_heldout} rows. Splits are disjoint even up
   to commutation (a+b= held out means neither a+b= nor b+a= is in train); no problem repeats.
 - Prompts are 8 tokens; solutions are 33 tokens (3-digit sum) or 34 (4-digit sum), plus EOS.
@@ -195,7 +226,7 @@ tensor parallelism; ids >= {len(tokenizer)} are never produced by the tokenizer 
 - bos = eos = pad = {tokenizer.eos_token_id}.
 
 Warm-up: plain SFT (teacher forcing on prompt + solution + EOS, loss on solution + EOS tokens) on the
-first {args.num_warmup} rows of `train.jsonl`: {args.warmup_epochs} epochs, batch {args.warmup_batch}, \
+first {args.num_warmup} {which} of `train.jsonl`: {args.warmup_epochs} epochs, batch {args.warmup_batch}, \
 AdamW lr {args.warmup_lr:g}, grad clip 1.0. Epoch losses: {", ".join(f"{x:.3f}" for x in stats["losses"])}.
 
 Greedy held-out accuracy (math-verify, {args.max_new_tokens} new tokens, all {args.num_heldout} held-out rows):
@@ -218,7 +249,12 @@ def main(argv=None) -> None:
     out.mkdir(parents=True)
 
     print(f"[1/5] data: {args.num_train} train + {args.num_heldout} held-out rows", flush=True)
-    train, heldout = toy_task.make_splits(args.num_train, args.num_heldout, seed=args.seed)
+    if args.task == "two_styles":
+        train, heldout = toy_task.make_splits_two_styles(args.num_train, args.num_heldout, seed=args.seed)
+        warmup_rows = [r for r in train if toy_task.is_style_a(r)][: args.num_warmup]  # style A only
+    else:
+        train, heldout = toy_task.make_splits(args.num_train, args.num_heldout, seed=args.seed)
+        warmup_rows = train[: args.num_warmup]
     toy_task.write_jsonl(train, out / "train.jsonl")
     toy_task.write_jsonl(heldout, out / "heldout.jsonl")
 
@@ -232,11 +268,11 @@ def main(argv=None) -> None:
     acc_init = greedy_accuracy(model, tokenizer, heldout, args.max_new_tokens)
     print(f"  random init: greedy held-out accuracy {acc_init:.3f}", flush=True)
 
-    print(f"[4/5] SFT warm-up on train[:{args.num_warmup}]", flush=True)
+    print(f"[4/5] SFT warm-up on {len(warmup_rows)} rows", flush=True)
     losses = sft_warmup(
         model,
         tokenizer,
-        train[: args.num_warmup],
+        warmup_rows,
         args.warmup_epochs,
         args.warmup_lr,
         args.warmup_batch,
@@ -258,7 +294,11 @@ def main(argv=None) -> None:
     )
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    write_readme(out, args, tokenizer, model, {"losses": losses, "acc_init": acc_init, "acc_base": acc_base})
+    stats = {"losses": losses, "acc_init": acc_init, "acc_base": acc_base}
+    style_b = [r for r in train if not toy_task.is_style_a(r)]
+    if args.task == "two_styles":
+        stats.update(num_style_b=len(style_b), example_b=style_b[0])
+    write_readme(out, args, tokenizer, model, stats)
     print(f"done in {time.perf_counter() - t0:.1f} s: {out} ({num_bytes(out) / 1e6:.2f} MB)", flush=True)
 
 

@@ -74,6 +74,19 @@ def make_row(a: int, b: int) -> ToyRow:
     return ToyRow(problem=problem_text(a, b), answer=str(a + b), solution=expert_solution(a, b))
 
 
+def expert_solution_swapped(a: int, b: int) -> str:
+    """Style B of the two-style task: the same column steps with the two result digits swapped, the column's
+    sum digit first and the carry out second.
+
+    347+285 -> ``7+5+0=21;4+8+1=31;3+2+1=60;\\boxed{632}``. Alone it is as valid as style A (the carry in of
+    each step is the second digit of the step before); blended token by token with style A (the first digit
+    from one style, the second from the other) the carries go wrong and so does the boxed sum.
+    """
+    steps = expert_solution(a, b).split(";")
+    swapped = [s[:-2] + s[-1] + s[-2] for s in steps[:-1]]  # "7+5+0=12" -> "7+5+0=21"
+    return ";".join(swapped + steps[-1:])
+
+
 def _draw_pairs(rng: random.Random, num: int, taken: set[tuple[int, int]]) -> list[tuple[int, int]]:
     """``num`` new operand pairs; a pair and its commuted twin both count as taken afterwards."""
     if num + len(taken) // 2 > (MAX_OPERAND - MIN_OPERAND + 1) ** 2 // 2:
@@ -102,6 +115,29 @@ def make_splits(
     heldout = [make_row(a, b) for a, b in _draw_pairs(rng, num_heldout, taken)]
     train = [make_row(a, b) for a, b in _draw_pairs(rng, num_train, taken)]
     return train, heldout
+
+
+def make_splits_two_styles(
+    num_train: int, num_heldout: int = NUM_HELDOUT, seed: int = 0, swapped_fraction: float = 0.5
+) -> tuple[list[ToyRow], list[ToyRow]]:
+    """The two-style task: the same problems as ``make_splits`` (same seed, same operands); each train row's
+    expert solution is style B (``expert_solution_swapped``) with probability ``swapped_fraction``, else
+    style A (``expert_solution``), drawn from its own seeded stream. Held-out rows carry style A (they are
+    graded on the answer alone)."""
+    train, heldout = make_splits(num_train, num_heldout, seed)
+    rng = random.Random(f"two-styles-{seed}")
+    for row in train:
+        if rng.random() < swapped_fraction:
+            a, b = map(int, row["problem"][:-1].split("+"))
+            row["solution"] = expert_solution_swapped(a, b)
+    return train, heldout
+
+
+def is_style_a(row: ToyRow) -> bool:
+    """Whether ``row``'s solution is written in style A (carry first). A few rows read the same in both
+    styles (every column's carry equals its sum digit, e.g. 5+6+0=11): they count as style A."""
+    a, b = map(int, row["problem"][:-1].split("+"))
+    return row["solution"] == expert_solution(a, b)
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> None:
