@@ -138,6 +138,17 @@ def test_tp1_matches_unfused_and_log_softmax(dtype, tol, tied, chunk):
     torch.testing.assert_close(ref["entropy"].double(), -(logsm.exp() * logsm).sum(-1), atol=tol, rtol=0)
 
 
+def test_auto_mode_per_weight_dtype():
+    """loss.fused_output_grads="auto": gradients in forward where the GEMM accumulates the fp32 weight gradient
+    itself, recomputed in backward for a 16-bit weight; explicit settings pass through."""
+    from trapo_megatron.megatron.chunking import grads_mode
+
+    assert LossConfig().fused_output_grads == "auto"
+    assert [grads_mode("auto", d) for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16)] == \
+        ["forward", "forward", "recompute", "recompute"]
+    assert grads_mode("forward", torch.bfloat16) == "forward" and grads_mode("recompute", "float32") == "recompute"
+
+
 def test_bf16_close_to_fp32():
     """bf16 hidden states and weight: fp32 statistics; the gradients are rounded to bf16 like the unfused."""
     params, tokens, batch, probe = _inputs(torch.bfloat16)

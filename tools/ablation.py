@@ -119,7 +119,7 @@ def command(args: argparse.Namespace, run: Run) -> list[str]:
     ]
     if run.alpha is not None:
         overrides.append(f"loss.trsft_alpha={run.alpha:g}")
-    return [sys.executable, "-m", "trapo_megatron.cli", "train", "--config", TASKS[run.task],
+    return [sys.executable, "-m", "trapo_megatron.commands", "train", "--config", TASKS[run.task],
             "--config", f"examples/ablations/{ablation}.yaml", "--resume", *overrides]
 
 

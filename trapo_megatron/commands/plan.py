@@ -62,9 +62,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training state in host memory while vLLM runs, as engine.offload_during_rollout "
                              "(default %(default)s)")
     parser.add_argument("--output-layer", default=d.output_layer, choices=OUTPUT_LAYERS,
-                        help="the output layer and loss: fused with gradients in forward (the trainer's default), "
-                             "fused recomputing in backward, or unfused logits, as loss.fused_output_layer / "
-                             "loss.fused_output_grads (default %(default)s)")
+                        help="the output layer and loss: fused with gradients in forward, fused recomputing in "
+                             "backward, auto (the trainer's default: forward in fp32, recompute in 16 bits), or "
+                             "unfused logits, as loss.fused_output_layer / loss.fused_output_grads "
+                             "(default %(default)s)")
     parser.add_argument("--no-distributed-optimizer", action="store_true",
                         help="optimizer states replicated on every DP rank")
     parser.add_argument("--reserve-gib", type=float, default=d.reserve_gib,

@@ -6,14 +6,15 @@ per-token statistics) out, the ``[T, V/P]`` logits never materialised.
 
 Two ways to get the gradients (``loss.fused_output_grads``):
 
-- "forward" (:class:`_FusedOutputLoss`, the default): the TRAPO loss is a sum of per-token terms whose
+- "forward" (:class:`_FusedOutputLoss`; "auto" picks it for an fp32 weight): the TRAPO loss is a sum of per-token terms whose
   weights are fixed before the step, so each token chunk's dL/dlogits is known in forward as soon as the
   chunk's log-partition and entropy are. Forward computes the chunk's logits once, its statistics (two
   [C]-sized all-reduces), the per-token loss derivatives, dL/dlogits in the same buffers, and both gradient
   GEMMs: three output-layer GEMMs like the unfused path. The weight gradient is summed over the chunks (in
   fp32 for a 16-bit weight) and held until backward, which only scales the saved gradients. Chunks are large
   (chunking.MIN_FORWARD_CHUNK_TOKENS), because each one reads and writes that sum.
-- "recompute" (:func:`fused_logprobs_entropy`, any differentiable use of logp / entropy): forward walks token
+- "recompute" (:func:`fused_logprobs_entropy`, any differentiable use of logp / entropy; "auto" picks it
+  for a 16-bit weight, whose fp32 gradient sum over the chunks would cost more than the recomputation): forward walks token
   chunks and keeps only per-token statistics (the two all-reduces of :func:`vocab_parallel.combine_partials`
   over all T). Backward walks VOCABULARY blocks ``[T, Vb]``: it recomputes the block's logits, turns them
   into dL/dlogits with the saved log-partition and entropy, and then
@@ -236,8 +237,8 @@ def trapo_loss_from_hidden(
     hidden: torch.Tensor, model: Any, batch: Any, cfg: LossConfig, tp_group: dist.ProcessGroup | None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`trapo_loss` of the logits that ``model``'s output layer would compute from ``hidden``, without
-    them: gradients in forward (``cfg.fused_output_grads="forward"``, :class:`_FusedOutputLoss`) or
-    recomputed in backward (``"recompute"``, :func:`fused_logprobs_entropy`). ``model``: the (DDP-wrapped)
+    them: gradients in forward (:class:`_FusedOutputLoss`) or recomputed in backward
+    (:func:`fused_logprobs_entropy`), as :func:`chunking.grads_mode` resolves ``cfg.fused_output_grads``. ``model``: the (DDP-wrapped)
     last-stage GPTModel, whose output weight (the embedding's when tied, megatron's
     shared_embedding_or_output_weight) and sequence-parallel setting (its output layer's, off at TP=1) are
     used."""
@@ -247,7 +248,7 @@ def trapo_loss_from_hidden(
     else:
         weight = module.output_layer.weight
     sequence_parallel = module.output_layer.sequence_parallel
-    if cfg.fused_output_grads == "recompute":
+    if chunking.grads_mode(cfg.fused_output_grads, weight.dtype) == "recompute":
         logp, entropy = fused_logprobs_entropy(hidden, weight, batch["labels"], tp_group, cfg.temperature,
                                                cfg.chunk_tokens, sequence_parallel)
         return trapo_loss_from_logprobs(logp, entropy, batch, cfg)

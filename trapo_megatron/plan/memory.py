@@ -53,7 +53,7 @@ PRECISIONS: dict[str, dict[str, int]] = {
     "fp16": {"weight": 2, "grad": 4, "optimizer": 12, "activation": 2},
     "fp32": {"weight": 4, "grad": 4, "optimizer": 8, "activation": 4},
 }
-OUTPUT_LAYERS = ("unfused", "forward", "recompute")
+OUTPUT_LAYERS = ("unfused", "auto", "forward", "recompute")
 
 DTYPE_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 """model.dtype -> the precision row above."""
@@ -111,9 +111,10 @@ class PlanConfig:
     """Held back per GPU for the CUDA context, NCCL buffers and allocator fragmentation."""
     vocab_divisor: int = 1
     """Vocabulary padding multiple per TP rank (1: our builder; 128: Megatron-LM checkpoints)."""
-    output_layer: str = "forward"
-    """The output layer and loss (:data:`OUTPUT_LAYERS`): "unfused" (loss.fused_output_layer false), "forward"
-    or "recompute" (loss.fused_output_grads)."""
+    output_layer: str = "auto"
+    """The output layer and loss (:data:`OUTPUT_LAYERS`): "unfused" (loss.fused_output_layer false), "auto",
+    "forward" or "recompute" (loss.fused_output_grads; "auto" as megatron/chunking.py resolves it for the
+    precision)."""
     min_headroom: float = 0.1
     """Layouts that leave less than this fraction of usable memory free rank after the others (tight)."""
 
@@ -278,8 +279,8 @@ def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -
     activations = int(in_flight * layers * (tokens * per_tok * act + scores))
     recompute = int(in_flight * layers * tokens * input_tok * act + tokens * per_tok * act + scores)
     vocab_rank = padded_vocab(spec, tp, cfg.vocab_divisor) // tp
-    logits = output_layer_bytes(cfg.output_layer, tokens, vocab_rank, spec.hidden_size, act) if stage == pp - 1 \
-        else 0
+    mode = chunking.grads_mode(cfg.output_layer, "float32" if bytes_["weight"] == 4 else "bfloat16")
+    logits = output_layer_bytes(mode, tokens, vocab_rank, spec.hidden_size, act) if stage == pp - 1 else 0
 
     vllm_weights = kv_cache = kv_per_token = 0
     if cfg.colocate_vllm:
