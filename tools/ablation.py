@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -178,7 +179,7 @@ def greedy_styles(hf_dir: Path, heldout: Path, limit: int) -> dict:
         for kind in kinds:
             steps[kind] += 1
         counts["mixed"] += "step_a" in kinds and "step_b" in kinds
-        a, b = map(int, r["problem"][:-1].split("+"))
+        a, b = toy_task.operands(r["problem"])
         text = text.strip()
         key = ("style_a" if text == toy_task.expert_solution(a, b)
                else "style_b" if text == toy_task.expert_solution_swapped(a, b) else "other")
@@ -231,7 +232,7 @@ def execute(args: argparse.Namespace, run: Run) -> dict:
               **summarize(rows), "greedy": greedy_styles(out / "hf", heldout_path(run), args.eval_problems)}
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     for ckpt in sorted((out / "checkpoints").glob("step_*")):  # finished: the record is all that is read again
-        subprocess.run(["rm", "-rf", str(ckpt)], check=True)
+        shutil.rmtree(ckpt)
     return result
 
 

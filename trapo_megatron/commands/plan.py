@@ -170,10 +170,9 @@ def report_run(run: RunPlan) -> tuple[str, dict]:
 
 
 def _plan_of_config(args: argparse.Namespace) -> RunPlan:
-    from trapo_megatron.config import load
-    from trapo_megatron.train.config import TrapoConfig
+    from trapo_megatron.train.config import load_config
 
-    cfg = load(TrapoConfig, args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     spec = resolve_model(args.model) if args.model else model_of(cfg)
     if spec is None:
         raise ValueError(f"model.hf_path={cfg.model.hf_path} has no config.json here and names no preset; "

@@ -54,6 +54,12 @@ def problem_text(a: int, b: int) -> str:
     return f"{a}+{b}="
 
 
+def operands(problem: str) -> tuple[int, int]:
+    """The two operands of a :func:`problem_text` prompt: ``"347+285="`` -> (347, 285)."""
+    a, b = problem.removesuffix("=").split("+")
+    return int(a), int(b)
+
+
 def expert_solution(a: int, b: int) -> str:
     """Column steps from the units up, then the boxed sum.
 
@@ -128,7 +134,7 @@ def make_splits_two_styles(
     rng = random.Random(f"two-styles-{seed}")
     for row in train:
         if rng.random() < swapped_fraction:
-            a, b = map(int, row["problem"][:-1].split("+"))
+            a, b = operands(row["problem"])
             row["solution"] = expert_solution_swapped(a, b)
     return train, heldout
 
@@ -136,7 +142,7 @@ def make_splits_two_styles(
 def is_style_a(row: ToyRow) -> bool:
     """Whether ``row``'s solution is written in style A (carry first). A few rows read the same in both
     styles (every column's carry equals its sum digit, e.g. 5+6+0=11): they count as style A."""
-    a, b = map(int, row["problem"][:-1].split("+"))
+    a, b = operands(row["problem"])
     return row["solution"] == expert_solution(a, b)
 
 

@@ -165,7 +165,8 @@ class _FusedOutputLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: no second weight-sized tensor
+        # scaled in place (no second weight-sized tensor): this backward runs once, as megatron's schedule does
+        grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss.to(grad_weight.dtype)), \
             None, None, None, None
 
@@ -208,13 +209,19 @@ def fused_logprobs_entropy(
     Returns:
         ``(logp [T], entropy [T])`` fp32, identical on every rank of ``group``.
     """
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    hidden = _to_tensor_parallel_region(hidden, group, sequence_parallel)
-    if hidden.shape[0] != labels.shape[0]:
-        raise ValueError(f"fused output layer: {hidden.shape[0]} hidden-state rows (after the sequence-parallel "
-                         f"gather) but {labels.shape[0]} labels")
+    hidden = _all_rows(hidden, labels.shape[0], group, sequence_parallel)
     return _FusedOutputLogProbEntropy.apply(hidden, weight, labels, group, float(temperature), True,
                                             chunk_tokens)
+
+
+def _all_rows(hidden: torch.Tensor, num_labels: int, group: Any, sequence_parallel: bool) -> torch.Tensor:
+    """``hidden`` ([S, h] or [S, 1, h]) as the [T, h] rows of every token of the micro-batch, in the tensor-
+    parallel region (:func:`_to_tensor_parallel_region`); ValueError when they do not match the labels."""
+    hidden = _to_tensor_parallel_region(hidden.reshape(-1, hidden.shape[-1]), group, sequence_parallel)
+    if hidden.shape[0] != num_labels:
+        raise ValueError(f"fused output layer: {hidden.shape[0]} hidden-state rows (after the sequence-parallel "
+                         f"gather) but {num_labels} labels")
+    return hidden
 
 
 def _to_tensor_parallel_region(hidden: torch.Tensor, group: Any, sequence_parallel: bool) -> torch.Tensor:
@@ -266,11 +273,7 @@ def fused_trapo_loss(
     """:func:`trapo_loss` (loss and metric sums) of ``hidden @ weight.T``, differentiable w.r.t. both, its
     gradients computed in forward (:class:`_FusedOutputLoss`). Shapes and the TP / SP arguments as
     :func:`fused_logprobs_entropy`; ``batch`` a :class:`TokenBatch` of every token of the micro-batch."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    hidden = _to_tensor_parallel_region(hidden, group, sequence_parallel)
-    if hidden.shape[0] != batch["labels"].shape[0]:
-        raise ValueError(f"fused output layer: {hidden.shape[0]} hidden-state rows (after the sequence-parallel "
-                         f"gather) but {batch['labels'].shape[0]} labels")
+    hidden = _all_rows(hidden, batch["labels"].shape[0], group, sequence_parallel)
     metrics: dict[str, torch.Tensor] = {}
     loss = _FusedOutputLoss.apply(hidden, weight, batch, cfg, group, metrics)
     return loss, metrics

@@ -275,7 +275,7 @@ def vocab_parallel_logprobs_entropy(
             a negative label means "no target" (logp 0, no gradient through logp).
         group: the tensor-parallel process group; ``None`` or a group of one means TP=1 (no collective).
         temperature: the sampling temperature; logits are divided by it.
-        chunk_tokens: tokens per chunk (default: as many as fit ``CHUNK_ELEMENTS`` for the device).
+        chunk_tokens: tokens per chunk (default: chunking.kernel_chunk_tokens for the device).
     Returns:
         ``(logp [T], entropy [T])`` fp32, identical on every rank of ``group``.
     Collectives: forward 2 all-reduces over ``[T]``-sized tensors; backward none.

@@ -57,6 +57,7 @@ OUTPUT_LAYERS = ("unfused", "auto", "forward", "recompute")
 
 DTYPE_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 """model.dtype -> the precision row above."""
+PRECISION_DTYPE = {v: k for k, v in DTYPE_PRECISION.items()}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -279,7 +280,7 @@ def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -
     activations = int(in_flight * layers * (tokens * per_tok * act + scores))
     recompute = int(in_flight * layers * tokens * input_tok * act + tokens * per_tok * act + scores)
     vocab_rank = padded_vocab(spec, tp, cfg.vocab_divisor) // tp
-    mode = chunking.grads_mode(cfg.output_layer, "float32" if bytes_["weight"] == 4 else "bfloat16")
+    mode = chunking.grads_mode(cfg.output_layer, PRECISION_DTYPE[cfg.precision])
     logits = output_layer_bytes(mode, tokens, vocab_rank, spec.hidden_size, act) if stage == pp - 1 else 0
 
     vllm_weights = kv_cache = kv_per_token = 0
