@@ -73,15 +73,18 @@ def _times(job_id: str) -> tuple[str, str]:
 def test_time_limit_signal_checkpoints_and_the_chained_job_finishes(slurm_cluster, reference, tmp_path) -> None:
     """A 1-minute job with the warning signal stops after a step with a checkpoint (exit 75: every rank
     stopped on the signal; the limit's SIGTERM does the same when the warning came too early). A job submitted
-    while it runs with ``--after <its id>`` waits for it (afterany), resumes and finishes, and every step equals
-    the uninterrupted run's.
+    while it runs with ``--after <its id>`` (and no slow steps) waits for it (afterany), resumes and finishes, and
+    every step equals the uninterrupted run's.
 
     The chained job has the recipe's own limit, not a second 1-minute one: Slurm may send the warning up to a
     minute early, i.e. while a 1-minute link is still starting, so each later link of a 1-minute ``--chain``
     advances by one step (seen: 29 steps, then 1); ``--chain`` itself is run in the next test."""
     run_dir = tmp_path / "run"
     overrides = [f"run.max_steps={NUM_STEPS}", f"run.output_dir={run_dir}", "checkpoint.save_every=0"]
-    proc = launch(tmp_path, "--time", "1", "--signal", "USR1@50", overrides=overrides)
+    # Each step of the limited job sleeps 4 s (faults.py), so it outlasts its limit however fast the machine: a
+    # fast CI machine once ran all 40 steps before Slurm's timer (it checks limits every ~30 s) sent anything.
+    slow = f"TRAPO_FAULT=step_start:1-{NUM_STEPS}:sleep=4"
+    proc = launch(tmp_path, "--time", "1", "--signal", "USR1@50", "--env", slow, overrides=overrides)
     wait_for(lambda: "submitted job(s)" in (tmp_path / "launch.log").read_text(), "the first job's id", proc)
     (first,) = job_ids((tmp_path / "launch.log").read_text())
     second = tmp_path / "second"

@@ -7,6 +7,8 @@
           group (as the tests launch them) loses every process at once, like a node failure;
           ``term``: SIGTERM to this process (a graceful stop);
           ``nan``: :func:`fire` returns True and the caller poisons its value;
+          ``sleep=<seconds>``: wait that long (a slow step: a job that must outlast its time limit however
+          fast the machine);
   rank    fire only on this global rank (default: every rank).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 POINTS = ("step_start", "rollout", "loss", "optimizer", "mid_save", "after_latest")
 """step_start: before a step's rollout; rollout: engine awake, between waves (after each wave is graded, before
@@ -38,11 +41,21 @@ def _parse(spec: str) -> list[tuple[str, int, int, str, int | None]]:
             raise ValueError(f"TRAPO_FAULT: unknown point {point!r}; known: {POINTS}")
         first, _, last = steps.partition("-")
         action = rest[0] if rest else "kill"
-        if action not in ("kill", "term", "nan"):
+        if action not in ("kill", "term", "nan") and not _seconds(action):
             raise ValueError(f"TRAPO_FAULT: unknown action {action!r} in {item!r}")
         rank = int(rest[1]) if len(rest) > 1 else None
         out.append((point, int(first), int(last or first), action, rank))
     return out
+
+
+def _seconds(action: str) -> float | None:
+    """The seconds of a ``sleep=<seconds>`` action (a positive number), else None."""
+    name, _, value = action.partition("=")
+    try:
+        seconds = float(value) if name == "sleep" else None
+    except ValueError:
+        return None
+    return seconds if seconds and seconds > 0 else None
 
 
 def fire(point: str) -> bool:
@@ -58,6 +71,8 @@ def fire(point: str) -> bool:
             os.killpg(os.getpgrp(), signal.SIGKILL)
         elif action == "term":
             os.kill(os.getpid(), signal.SIGTERM)
-        else:
+        elif action == "nan":
             return True
+        else:
+            time.sleep(_seconds(action))
     return False
