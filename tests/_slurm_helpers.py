@@ -20,7 +20,7 @@ import pytest
 
 CLUSTER_SH = Path(__file__).resolve().parents[1] / "tools" / "slurm" / "cluster.sh"
 NUM_STEPS = 40
-"""Steps of the reference run: long enough that a 1-minute job cannot finish it."""
+"""Steps of the reference run (a 1-minute job that must stop early also sleeps in each step: faults.py)."""
 RUN = ["run.prompts_per_step=8", "run.progress=false", "evaluation.path=null", "reward.num_workers=1",
        "checkpoint.export_hf=false", "optimizer.lr_schedule=constant"]
 """The tiny config, small and fast; a constant LR and no held-out evaluation make step k's metrics
