@@ -10,11 +10,15 @@ the final hidden states [T, h] and the output weight [V/TP, h], forward + backwa
   skips it). The TRAPO objective on top is ours for all three (verl has no TrSFT), so only the
   logits -> log-prob / entropy path differs.
 
+The weight carries an fp32 ``main_grad`` as under Megatron DDP (grad_reduce_in_fp32, step.py), with DDP's
+hook: a ``.grad`` the backward returns is added into it and dropped. The fused path's gradients-in-forward
+mode sums straight into it, as megatron's gradient-accumulation fusion does.
+
 It prints peak extra memory of forward + backward as a multiple of the unfused logits tensor, NOT counting
-the gradients of the hidden states and the weight (every path returns those), and times as ratios to the
+the hidden-state gradient every path returns (a transient weight ``.grad`` counts), and times as ratios to the
 unfused path (wall, and process CPU time, which load from other processes disturbs less), all measured
-in the same run, plus the largest disagreement of each path's log-probs, entropies
-and loss with the unfused ones. TP=2 is simulated in one process: a rank's shapes (V/2 rows of the weight,
+in the same run, plus the largest relative disagreement of each path's loss and sums of prefix p and of
+entropy with the unfused ones. TP=2 is simulated in one process: a rank's shapes (V/2 rows of the weight,
 labels in that shard), without the [T]-sized all-reduces, which cost the same on every path.
 Targets: fused memory <= 0.25x the logits, fused time <= 1.1x unfused.
 
@@ -39,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_kernel import CFG, DTYPES, QWEN25_VOCAB, bytes_in_subprocess, peak_extra_bytes, time_runs
 
 from trapo_megatron.algo.loss import trapo_loss_from_logprobs
+from trapo_megatron.megatron.chunking import weight_grad_block_rows
 from trapo_megatron.megatron.fused_output import fused_logprobs_entropy, fused_trapo_loss
 from trapo_megatron.megatron.vocab_parallel import vocab_parallel_logprobs_entropy
 
@@ -46,11 +51,27 @@ VERL_PACKAGES = ("verl==0.9.1", "tensordict==0.10.0", "pyvers", "orjson", "codet
 """Installed with --no-deps: verl's torch_functional and core_algos import no more than these."""
 
 
-def make_inputs(tokens: int, hidden: int, vocab_local: int, dtype: torch.dtype, seed: int = 0):
-    """Hidden states and weight (leaves), and a TokenBatch: 10% prompt, 30% expert prefix, 60% own tokens."""
+def _ddp_hook(param: torch.Tensor) -> None:
+    """Megatron DDP's backward hook (distributed/distributed_data_parallel.py, overlap off): the .grad into
+    main_grad, then dropped; it runs with no .grad when the backward returned none. Added block by block: on
+    the CPU a mixed-dtype add first makes an fp32 copy of its whole input, which a GPU's add does not."""
+    if param.grad is not None:
+        rows = weight_grad_block_rows(*param.shape)
+        for r in range(0, param.shape[0], rows):
+            param.main_grad[r : r + rows].add_(param.grad[r : r + rows])
+    param.grad = None
+
+
+def make_inputs(tokens: int, hidden: int, vocab_local: int, dtype: torch.dtype, seed: int = 0,
+                main_grad: bool = True):
+    """Hidden states and weight (leaves; the weight with DDP's fp32 main_grad and hook unless ``main_grad`` is
+    False), and a TokenBatch: 10% prompt, 30% expert prefix, 60% own tokens."""
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(tokens, hidden, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(vocab_local, hidden, generator=g) * 2 / hidden**0.5).to(dtype).requires_grad_()
+    if main_grad:
+        w.main_grad = torch.zeros(w.shape, dtype=torch.promote_types(dtype, torch.float32))
+        w.register_post_accumulate_grad_hook(_ddp_hook)
     pos = torch.arange(tokens)
     sft, rl = (pos >= tokens // 10) & (pos < 4 * tokens // 10), pos >= 4 * tokens // 10
     base = -torch.rand(tokens, generator=g) * 5 - 8
@@ -65,7 +86,7 @@ def make_inputs(tokens: int, hidden: int, vocab_local: int, dtype: torch.dtype, 
 
 
 def fused(h, w, batch):
-    """Gradients in forward (loss.fused_output_grads="forward", the default)."""
+    """Gradients in forward (loss.fused_output_grads="forward"), the weight's summed into its main_grad."""
     loss, metrics = fused_trapo_loss(h, w, batch, CFG)
     return loss, metrics["prefix_p_sum"], metrics["entropy_sum"]
 
@@ -101,8 +122,8 @@ VARIANTS = {"fused": fused, "recompute": recompute, "unfused": unfused, "verl": 
 
 
 def runner(fn, h, w, batch):
-    def run():
-        clear_grads(h, w)
+    def run():  # main_grad keeps summing, as over a step's micro-batches (megatron zeroes it once a step)
+        h.grad = w.grad = None
         fn(h, w, batch)[0].backward()
 
     return run
@@ -110,10 +131,13 @@ def runner(fn, h, w, batch):
 
 def clear_grads(h, w) -> None:
     h.grad = w.grad = None
+    if hasattr(w, "main_grad"):
+        w.main_grad.zero_()
 
 
-def grads_bytes(h, w) -> int:
-    return h.numel() * h.element_size() + w.numel() * w.element_size()
+def grads_bytes(h) -> int:
+    """The hidden-state gradient every path returns."""
+    return h.numel() * h.element_size()
 
 
 def ensure_verl(scratch: Path) -> None:
@@ -151,12 +175,12 @@ def main() -> None:
         name, vocab_local = args.measure_memory[0], int(args.measure_memory[1])
         h, w, batch = make_inputs(args.tokens, args.hidden, vocab_local, dtype)
         run = runner(VARIANTS[name], h, w, batch)
-        print(peak_extra_bytes(run, functools.partial(clear_grads, h, w), "cpu") - grads_bytes(h, w))
+        print(peak_extra_bytes(run, functools.partial(clear_grads, h, w), "cpu") - grads_bytes(h))
         return
 
     print(f"TRAPO loss from hidden states, T={args.tokens}, h={args.hidden}, V={args.vocab}, {args.dtype}, cpu, "
           f"threads={args.threads}, median of {args.repeats}; memory = peak extra bytes (less the returned "
-          "grads) / unfused logits bytes; time / unfused; max |diff| to unfused of the loss, the sums of prefix p and of entropy")
+          "hidden-state grad; the weight's goes to an fp32 main_grad) / unfused logits bytes; time / unfused; max relative diff to unfused of the loss, the sums of prefix p and of entropy")
     print(f"{'TP':>2} {'V/TP':>6} {'logits GiB':>10} " + " ".join(f"{'mem ' + v:>12}" for v in variants)
           + " " + " ".join(f"{'time ' + v:>12}" for v in variants) + " " + " ".join(f"{'cpu ' + v:>11}" for v in variants)
           + f" {'unfused s':>9}  diffs")
@@ -170,8 +194,8 @@ def main() -> None:
         t = time_runs({v: runner(fn, h, w, batch) for v, fn in variants.items()}, args.repeats, "cpu")
         with torch.no_grad():
             values = {v: fn(h, w, batch) for v, fn in variants.items()}
-        diffs = {v: max(float((a.float() - b.float()).abs().max()) for a, b in zip(values[v], values["unfused"],
-                                                                                   strict=True))
+        diffs = {v: max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
+                        for a, b in zip(values[v], values["unfused"], strict=True))
                  for v in variants if v != "unfused"}
         print(f"{tp:>2} {vocab_local:>6} {logits_bytes / 2**30:>10.2f} "
               + " ".join(f"{mem[v] / logits_bytes:>11.3f}x" for v in variants) + " "

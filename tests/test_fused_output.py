@@ -139,14 +139,17 @@ def test_tp1_matches_unfused_and_log_softmax(dtype, tol, tied, chunk):
 
 
 def test_auto_mode_per_weight_dtype():
-    """loss.fused_output_grads="auto": gradients in forward where the GEMM accumulates the fp32 weight gradient
-    itself, recomputed in backward for a 16-bit weight; explicit settings pass through."""
+    """loss.fused_output_grads="auto": gradients in forward wherever the fp32 weight-gradient sum has a home (an
+    fp32 / fp64 weight itself, or DDP's fp32 main_grad, which the trainer's weights always have), recomputed
+    in backward for a 16-bit weight without one; explicit settings pass through."""
     from trapo_megatron.megatron.chunking import grads_mode
 
+    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     assert LossConfig().fused_output_grads == "auto"
-    assert [grads_mode("auto", d) for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16)] == \
-        ["forward", "forward", "recompute", "recompute"]
-    assert grads_mode("forward", torch.bfloat16) == "forward" and grads_mode("recompute", "float32") == "recompute"
+    assert [grads_mode("auto", d, main_grad=False) for d in dtypes] == ["forward", "forward", "recompute", "recompute"]
+    assert [grads_mode("auto", d, main_grad=True) for d in dtypes] == ["forward"] * 4
+    assert grads_mode("forward", torch.bfloat16, False) == "forward"
+    assert grads_mode("recompute", "float32", True) == "recompute"
 
 
 def test_bf16_close_to_fp32():
@@ -165,6 +168,38 @@ def test_bf16_close_to_fp32():
     torch.testing.assert_close(got["loss"], ref["loss"], atol=1e-5, rtol=1e-5)
     for key in ("loss_grad_out", "loss_grad_emb", "loss_grad_mix"):
         torch.testing.assert_close(got[key].float(), ref[key].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_gradients_in_forward_sum_into_main_grad(dtype, tol):
+    """A weight with Megatron DDP's fp32 main_grad (the trainer's, step.wrap_ddp): the weight gradient is
+    summed into it in forward and no .grad is returned (the whole-model test below checks it through real
+    DDP, tied included); the other gradients are unchanged. A forward without autograd leaves it alone; an
+    upstream gradient other than 1 is refused, a non-finite one poisons it as upstream x gradient would."""
+    params, tokens, batch, probe = _inputs(dtype)
+    ref = _run("unfused", params, tokens, batch, probe, 0, 1, None, False, False, 3)
+    emb, out, mix = (p.clone().requires_grad_() for p in params)
+    cfg = replace(CFG, chunk_tokens=7)  # 3 GEMM chunks, the last one short
+    out.main_grad = torch.full(out.shape, 0.5)  # earlier micro-batches' sum: added to, not overwritten
+
+    def loss_times(scale: float = 1.0) -> torch.Tensor:
+        emb.grad = mix.grad = None
+        loss, _ = fused_trapo_loss(torch.tanh(emb[tokens] @ mix), out, batch, cfg)
+        return loss * scale
+
+    loss_times().backward()
+    assert out.grad is None
+    torch.testing.assert_close(out.main_grad - 0.5, ref["loss_grad_out"].float(), atol=tol, rtol=tol)
+    for name, leaf in (("emb", emb), ("mix", mix)):
+        torch.testing.assert_close(leaf.grad.float(), ref[f"loss_grad_{name}"].float(), atol=tol, rtol=tol)
+    before = out.main_grad.clone()
+    with torch.no_grad():
+        loss_times()
+    torch.testing.assert_close(out.main_grad, before, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="upstream gradient must be 1, got 2.0.*fused_output_grads=recompute"):
+        loss_times(2.0).backward()
+    loss_times(float("nan")).backward()
+    assert not torch.isfinite(out.main_grad).any()
 
 
 def _tp2_worker(rank: int, world: int) -> dict:

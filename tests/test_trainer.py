@@ -70,7 +70,7 @@ def test_fused_output_layer_run_matches_unfused(tp2_run: Path, tmp_path: Path, o
     from trapo_megatron.algo.loss import LossConfig
     from trapo_megatron.megatron.chunking import grads_mode
 
-    assert LossConfig().fused_output_layer and grads_mode(LossConfig().fused_output_grads, "float32") == "forward"
+    assert LossConfig().fused_output_layer and grads_mode(LossConfig().fused_output_grads, "bfloat16", main_grad=True) == "forward"
     out = tmp_path / "run"
     run_distributed(train_worker, 2, _overrides(out, "run.max_steps=3", other), False, timeout=600)
     rows, ref = _metrics(out), _metrics(tp2_run)

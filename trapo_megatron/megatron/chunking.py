@@ -14,15 +14,28 @@ launches few."""
 MAX_CHUNK_FRACTION = 32
 """At most 1/32 of the tokens per chunk, so the two buffers add at most 1/16 of the logits' element count."""
 
-MIN_FORWARD_CHUNK_TOKENS = {"cpu": 256, "other": 1024}
-"""Tokens per chunk at least, for the fused output layer's gradients in forward: each chunk reads and writes
-the whole [V/P, h] weight gradient, which a chunk of C tokens amortises over C/4 GEMM FLOPs per byte.
-Measured on 2 CPU threads (T 1024, h 512, V 151,936): 32-token chunks took 2.0x the unfused time,
-256-token ones 0.97x (fp32) and 0.57x (bf16). An H100 does ~300 bf16 FLOPs per byte of HBM: 1024 tokens."""
+FORWARD_CHUNK_TOKENS = 1024
+"""Rows per output-layer GEMM of the fused output layer with gradients in forward (at most 1/8 of the tokens,
+FORWARD_CHUNK_FRACTION): each GEMM chunk adds its [V/P, h] weight-gradient product into the fp32 sum, which
+a chunk of C tokens amortises over C/4 GEMM FLOPs per byte. An H100 does ~300 bf16 FLOPs per byte of HBM:
+1024 tokens. Measured on 2 CPU threads at Qwen2.5-7B TP2 shapes in bf16: 256-token chunks made the fused
+output layer 1.43x the unfused time (the fp32 sum read and written 32 times), 1024-token ones see the
+README. Only the GEMM chunk is this large: the softmax work runs over sub-chunks of kernel_chunk_tokens."""
 
-WEIGHT_GRAD_BLOCKS = 8
-"""A low-precision weight gradient is summed in fp32 over the token chunks, vocabulary block by block, through
-a work buffer of 1/WEIGHT_GRAD_BLOCKS of the weight in the model dtype."""
+FORWARD_CHUNK_FRACTION = 8
+"""At most 1/8 of the tokens per GEMM chunk: its [C, V/P] buffer in the model dtype is at most 1/8 of the
+logits the unfused path writes."""
+
+WEIGHT_GRAD_BLOCK_ELEMENTS = 1 << 21
+"""A low-precision weight gradient is summed in fp32 over the token chunks, vocabulary block by block: each
+block's product goes through a work buffer of this many elements in the model dtype (4 MiB in bf16) and its
+fp32 copy, small enough to stay in cache between the GEMM that writes them and the add that reads them. Measured on 2 CPU
+threads (256 tokens, h 3584, V/2 rows): 512-row blocks made GEMM + sum 0.18 s, 1/8 of the weight 0.44 s."""
+
+
+def weight_grad_block_rows(vocab_local: int, hidden: int) -> int:
+    """Vocabulary rows per block of the fp32 weight-gradient sum (:data:`WEIGHT_GRAD_BLOCK_ELEMENTS`)."""
+    return max(1, min(vocab_local, WEIGHT_GRAD_BLOCK_ELEMENTS // max(hidden, 1)))
 
 
 def device_kind(device_type: str) -> str:
@@ -34,16 +47,19 @@ def kernel_chunk_tokens(num_tokens: int, vocab_local: int, kind: str) -> int:
     return max(1, min(CHUNK_ELEMENTS[kind] // max(vocab_local, 1), -(-num_tokens // MAX_CHUNK_FRACTION)))
 
 
-def forward_chunk_tokens(vocab_local: int, kind: str) -> int:
-    """Tokens per chunk of the fused output layer with gradients in forward."""
-    return max(MIN_FORWARD_CHUNK_TOKENS[kind], CHUNK_ELEMENTS[kind] // max(vocab_local, 1))
+def forward_chunk_tokens(num_tokens: int, vocab_local: int, kind: str) -> int:
+    """Rows per output-layer GEMM chunk of the fused output layer with gradients in forward."""
+    widest = max(FORWARD_CHUNK_TOKENS, CHUNK_ELEMENTS[kind] // max(vocab_local, 1))
+    return max(1, min(widest, -(-num_tokens // FORWARD_CHUNK_FRACTION)))
 
 
-def grads_mode(setting: str, dtype: object) -> str:
-    """``loss.fused_output_grads`` resolved for an output weight of ``dtype`` (a torch dtype or its name):
-    "auto" is "forward" in fp32 / fp64, where the GEMM itself accumulates the weight gradient over the chunks,
-    and "recompute" in 16 bits, where the fp32 sum costs a weight-sized read-modify-write per chunk (measured
-    on the CPU at Qwen2.5-7B shapes, bf16: forward 1.99x the unfused time, recompute 1.53x)."""
+def grads_mode(setting: str, dtype: object, main_grad: bool) -> str:
+    """``loss.fused_output_grads`` resolved for an output weight of ``dtype`` (a torch dtype or its name),
+    ``main_grad``: whether it has Megatron DDP's fp32 gradient buffer (the trainer's always has). "auto" is
+    "forward" wherever the weight gradient's fp32 sum has a home: the weight itself in fp32 / fp64, or
+    main_grad; "recompute" for a 16-bit weight without one, where forward would add a weight-sized fp32 sum.
+    Measured on the CPU at Qwen2.5-7B TP2 shapes in bf16, with main_grad: forward 0.195x the logits' memory,
+    1.09x the unfused time; recompute 0.69x, 1.9x."""
     if setting != "auto":
         return setting
-    return "forward" if str(dtype).removeprefix("torch.") in ("float32", "float64") else "recompute"
+    return "forward" if main_grad or str(dtype).removeprefix("torch.") in ("float32", "float64") else "recompute"

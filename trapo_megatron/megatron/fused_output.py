@@ -6,24 +6,25 @@ per-token statistics) out, the ``[T, V/P]`` logits never materialised.
 
 Two ways to get the gradients (``loss.fused_output_grads``):
 
-- "forward" (:class:`_FusedOutputLoss`; "auto" picks it for an fp32 weight): the TRAPO loss is a sum of per-token terms whose
-  weights are fixed before the step, so each token chunk's dL/dlogits is known in forward as soon as the
-  chunk's log-partition and entropy are. Forward computes the chunk's logits once, its statistics (two
-  [C]-sized all-reduces), the per-token loss derivatives, dL/dlogits in the same buffers, and both gradient
-  GEMMs: three output-layer GEMMs like the unfused path. The weight gradient is summed over the chunks (in
-  fp32 for a 16-bit weight) and held until backward, which only scales the saved gradients. Chunks are large
-  (chunking.MIN_FORWARD_CHUNK_TOKENS), because each one reads and writes that sum.
+- "forward" (:class:`_FusedOutputLoss`; what "auto" runs in the trainer): the TRAPO loss is a sum of
+  per-token terms whose weights are fixed before the step, so each token's dL/dlogits is known in forward as
+  soon as its log-partition and entropy are. Forward computes a GEMM chunk's logits once
+  (chunking.forward_chunk_tokens), then, sub-chunk by sub-chunk, their statistics (two all-reduces), the
+  per-token loss derivatives and dL/dlogits over the logits, then both gradient GEMMs: three output-layer
+  GEMMs like the unfused path. The weight gradient is summed in fp32 over the chunks, straight into Megatron
+  DDP's ``main_grad`` when the weight has one (megatron's gradient-accumulation fusion does the same);
+  backward only scales the saved hidden-state gradient.
 - "recompute" (:func:`fused_logprobs_entropy`, any differentiable use of logp / entropy; "auto" picks it
-  for a 16-bit weight, whose fp32 gradient sum over the chunks would cost more than the recomputation): forward walks token
-  chunks and keeps only per-token statistics (the two all-reduces of :func:`vocab_parallel.combine_partials`
-  over all T). Backward walks VOCABULARY blocks ``[T, Vb]``: it recomputes the block's logits, turns them
-  into dL/dlogits with the saved log-partition and entropy, and then
+  for a 16-bit weight without main_grad, whose fp32 gradient sum forward would have to allocate): forward
+  walks token chunks and keeps only per-token statistics (the two all-reduces of
+  :func:`vocab_parallel.combine_partials` over all T). Backward walks VOCABULARY blocks ``[T, Vb]``: it
+  recomputes the block's logits, turns them into dL/dlogits with the saved log-partition and entropy, and then
 
     grad_weight[block] = dlogits_block.T @ hidden     one GEMM per block, written in place: exact, no sum
     grad_hidden       += dlogits_block @ weight[block] fp32 accumulator [T, h] (h << V)
 
   so no weight-sized accumulator exists besides the weight gradient itself, and only ``[T, Vb]`` work
-  buffers: the least memory, one GEMM more.
+  buffers; one GEMM more.
 
 The tensor-parallel reductions are those of megatron-core 0.19.2's ColumnParallelLinear output layer
 (tensor_parallel/layers.py, ``allreduce_dgrad`` / ``sequence_parallel``), done with megatron's own mapping
@@ -31,13 +32,14 @@ functions around the kernel: with sequence parallelism the sequence-sharded hidd
 in forward and their gradient reduce-scattered in backward (gather_from_sequence_parallel_region with
 tensor_parallel_output_grad=True); without it the hidden-state gradient is all-reduced over TP
 (copy_to_tensor_model_parallel_region). Unlike megatron, which saves the sequence shard and gathers it again
-in backward, the gathered ``[T, h]`` hidden states are kept (``h/V`` of the logits' size). The weight gradient
-is returned as a plain ``.grad`` (megatron's DDP hook adds it to ``main_grad``); a tied weight (the
-embedding's) simply receives both contributions.
+in backward, the gathered ``[T, h]`` hidden states are kept (``h/V`` of the logits' size). A weight gradient
+returned as a plain ``.grad`` is added to ``main_grad`` by megatron's DDP hook; a tied weight (the
+embedding's) receives both contributions either way.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -108,67 +110,104 @@ class _FusedOutputLoss(torch.autograd.Function):
     """hidden [T, h], weight [V/P, h] -> the TRAPO loss (0-d, fp32), its gradients computed IN FORWARD.
 
     The loss is a sum of per-token terms whose weights are fixed before the step (``token_weight``,
-    ``entropy_weight``: algo/loss.py), so each token chunk's dL/dlogits is known as soon as the chunk's
-    log-partition and entropy are (after two [C]-sized all-reduces): forward computes the chunk's logits
-    once, its statistics, the per-token loss derivatives (autograd of :func:`trapo_loss_from_logprobs` on
-    the chunk), dL/dlogits in the same buffers (no second exp), and the chunk's two gradient GEMMs. Three
-    output-layer GEMMs in all, as the unfused path; backward only scales the saved gradients by the
-    upstream gradient. The price: the weight gradient [V/P, h] (fp32 for a low-precision weight) lives
-    from forward to backward. ``metrics`` (a dict) receives the loss's metric sums."""
+    ``entropy_weight``: algo/loss.py), so each token's dL/dlogits is known as soon as its log-partition and
+    entropy are. Forward walks GEMM chunks of tokens (chunking.forward_chunk_tokens): the chunk's logits in
+    one GEMM, then, sub-chunk by sub-chunk (chunking.kernel_chunk_tokens, fp32 work buffers of that size),
+    the statistics (two [S]-sized all-reduces), the per-token loss derivatives (autograd of
+    :func:`trapo_loss_from_logprobs` on the sub-chunk) and dL/dlogits written over the logits (no second
+    exp); then both gradient GEMMs of the chunk. Three output-layer GEMMs in all, as the unfused path;
+    backward only scales the saved hidden-state gradient by the upstream gradient.
+
+    The weight gradient is summed over the chunks in fp32 (the GEMM's own accumulation for an fp32 weight;
+    block by block through a cache-sized buffer for a 16-bit one). ``main_grad``: Megatron DDP's fp32
+    gradient buffer of the weight, summed into directly as its gradient-accumulation fusion does
+    (tensor_parallel/layers.py), so no weight-sized tensor is added at all; backward then returns no weight
+    gradient (a tied embedding's own gradient still reaches ``main_grad`` through DDP's hook, as
+    ``grad_added_to_main_grad`` stays False) and requires an upstream gradient of 1, which megatron's schedule
+    gives a per-token loss without ``grad_scale_func`` (step.py). Without it, an fp32 sum lives from forward to
+    backward and is returned as ``.grad``. ``metrics`` (a dict) receives the loss's metric sums."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, batch, cfg, group, metrics):
+    def forward(ctx, hidden, weight, batch, cfg, group, metrics, main_grad):
         num_tokens, vocab_local = hidden.shape[0], weight.shape[0]
         _, rank = vp._group_size_rank(group)
-        inv_temp, device = 1.0 / cfg.temperature, hidden.device
+        device, kind = hidden.device, chunking.device_kind(hidden.device.type)
         acc = torch.promote_types(hidden.dtype, torch.float32)
-        labels = batch["labels"]
-        index, held = vp._local_targets(labels, vocab_local, rank * vocab_local)
+        index, held = vp._local_targets(batch["labels"], vocab_local, rank * vocab_local)
+        tokens = {k: v for k, v in batch.items() if k in TOKEN_FIELDS and v is not None}
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=device)
+        grad_weight = main_grad if main_grad is not None else torch.zeros(weight.shape, dtype=acc, device=device)
         low_precision = weight.dtype != acc
-        block = -(-vocab_local // chunking.WEIGHT_GRAD_BLOCKS)
-        chunk_tokens = cfg.chunk_tokens or chunking.forward_chunk_tokens(vocab_local, chunking.device_kind(device.type))
-        chunks = list(vp._chunks(num_tokens, vocab_local, chunk_tokens, device))
-        rows = max((b - a for a, b in chunks), default=0)
-        x_buf = torch.empty((rows, vocab_local), dtype=weight.dtype, device=device)  # one chunk's logits
-        e_buf = torch.empty((rows, vocab_local), dtype=acc, device=device)
+        rows = cfg.chunk_tokens or chunking.forward_chunk_tokens(num_tokens, vocab_local, kind)
+        sub = min(rows, chunking.kernel_chunk_tokens(num_tokens, vocab_local, kind))
+        x_buf = torch.empty((min(rows, num_tokens), vocab_local), dtype=weight.dtype, device=device)
+        e_buf = torch.empty((min(sub, num_tokens), vocab_local), dtype=acc, device=device)
         u_buf = torch.empty_like(e_buf) if low_precision else None  # fp32: z - m overwrites the logits
+        block = chunking.weight_grad_block_rows(vocab_local, weight.shape[1])
+        # the block's product, and its fp32 copy: a mixed-dtype add would allocate that copy for every block
         w_buf = torch.empty((block, weight.shape[1]), dtype=weight.dtype, device=device) if low_precision else None
+        f_buf = torch.empty((block, weight.shape[1]), dtype=acc, device=device) if low_precision else None
         loss = torch.zeros((), dtype=acc, device=device)
-        for a, b in chunks:
+        for a, b in vp._chunks(num_tokens, vocab_local, rows, device):
             x = torch.mm(hidden[a:b], weight.t(), out=x_buf[: b - a])
-            u, e = (x if u_buf is None else u_buf[: b - a]), e_buf[: b - a]
-            local_max = torch.empty(b - a, dtype=acc, device=device)
-            sums = torch.zeros(3, b - a, dtype=acc, device=device)
-            vp.chunk_partials_(x, u, e, index[a:b], held[a:b], inv_temp, True, local_max, sums)
-            log_partition, logp, entropy = vp.combine_partials(local_max, sums, labels[a:b], group, True)
-            part, g_lp, g_ent = _chunk_loss(logp, entropy, {k: v[a:b] for k, v in batch.items()
-                                                            if k in TOKEN_FIELDS and v is not None}, cfg, metrics)
-            loss += part
-            k0, k1, hit = vp.grad_coefficients(g_lp, g_ent, labels[a:b], log_partition, entropy, inv_temp)
-            # p = e^(z - m) e^(m - logZ), log p = (z - m) + (m - logZ): dL/dlogits without a second exp
-            shift = local_max - log_partition
-            p, log_p = e.mul_(torch.exp(shift).unsqueeze(-1)), u.add_(shift.unsqueeze(-1))
-            p.mul_(log_p.mul_(k1.unsqueeze(-1)).add_(k0.unsqueeze(-1)) if k1 is not None else k0.unsqueeze(-1))
-            p.scatter_add_(1, index[a:b].unsqueeze(-1), torch.where(held[a:b], hit, 0.0).unsqueeze(-1))
-            g = x.copy_(p) if low_precision else p  # dL/dlogits in the model dtype, as the unfused path has it
-            torch.mm(g, weight, out=grad_hidden[a:b])
+            for s, t in vp._chunks(b - a, vocab_local, sub, device):
+                rows_st = slice(a + s, a + t)
+                loss += _logits_to_grad_(x[s:t], e_buf, u_buf, index[rows_st], held[rows_st],
+                                         {k: v[rows_st] for k, v in tokens.items()}, cfg, group, metrics)
+            torch.mm(x, weight, out=grad_hidden[a:b])  # x now holds dL/dlogits in the model dtype
             if not low_precision:
-                grad_weight.addmm_(g.t(), hidden[a:b])
+                grad_weight.addmm_(x.t(), hidden[a:b])
                 continue
             for r in range(0, vocab_local, block):
-                product = torch.mm(g[:, r : r + block].t(), hidden[a:b], out=w_buf[: min(block, vocab_local - r)])
-                grad_weight[r : r + block] += product
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+                n = min(block, vocab_local - r)
+                torch.mm(x[:, r : r + n].t(), hidden[a:b], out=w_buf[:n])
+                grad_weight[r : r + n] += f_buf[:n].copy_(w_buf[:n])
+        ctx.main_grad = main_grad
+        ctx.save_for_backward(grad_hidden, None if main_grad is not None else grad_weight.to(weight.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         # scaled in place (no second weight-sized tensor): this backward runs once, as megatron's schedule does
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss.to(grad_weight.dtype)), \
-            None, None, None, None
+        if ctx.main_grad is not None:
+            upstream = float(grad_loss)
+            if not math.isfinite(upstream):  # as upstream * gradient would be: the step sees a non-finite grad
+                ctx.main_grad.add_(upstream)
+            elif upstream != 1.0:
+                raise RuntimeError(f"fused output layer: the weight gradient went into main_grad in forward, so "
+                                   f"the loss's upstream gradient must be 1, got {upstream} (a loss scale or "
+                                   "grad_scale_func): set loss.fused_output_grads=recompute")
+        else:
+            grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight, None, None, None, None, None
+
+
+def _logits_to_grad_(x: torch.Tensor, e_buf: torch.Tensor, u_buf: torch.Tensor | None, index: torch.Tensor,
+                     held: torch.Tensor, batch: dict, cfg: LossConfig, group: Any, metrics: dict) -> torch.Tensor:
+    """Overwrite the logits ``x`` [S, V/P] of S tokens with dL/dlogits (in x's dtype) and return their loss:
+    statistics through the fp32 work buffers (``u_buf`` None: x itself has the accumulation dtype and holds
+    z - m), the all-reduces of :func:`vp.combine_partials`, the per-token loss derivatives, then
+    p (k1 log p + k0) + hit from e^(z - m) e^(m - logZ) and (z - m) + (m - logZ): no second exp."""
+    n, acc, inv_temp = x.shape[0], e_buf.dtype, 1.0 / cfg.temperature
+    u, e = (x if u_buf is None else u_buf[:n]), e_buf[:n]
+    local_max = torch.empty(n, dtype=acc, device=x.device)
+    sums = torch.zeros(3, n, dtype=acc, device=x.device)
+    vp.chunk_partials_(x, u, e, index, held, inv_temp, True, local_max, sums)
+    log_partition, logp, entropy = vp.combine_partials(local_max, sums, batch["labels"], group, True)
+    part, g_lp, g_ent = _chunk_loss(logp, entropy, batch, cfg, metrics)
+    k0, k1, hit = vp.grad_coefficients(g_lp, g_ent, batch["labels"], log_partition, entropy, inv_temp)
+    shift = local_max - log_partition
+    e.mul_(torch.exp(shift).unsqueeze(-1))  # p
+    if k1 is not None:
+        u.add_(shift.unsqueeze(-1)).mul_(k1.unsqueeze(-1)).add_(k0.unsqueeze(-1))  # k1 log p + k0
+        g = u.mul_(e) if u is x else e.mul_(u)
+    else:
+        g = torch.mul(e, k0.unsqueeze(-1), out=x) if u is x else e.mul_(k0.unsqueeze(-1))
+    g.scatter_add_(1, index.unsqueeze(-1), torch.where(held, hit, 0.0).unsqueeze(-1))
+    if g is not x:
+        x.copy_(g)
+    return part
 
 
 def _chunk_loss(logp: torch.Tensor, entropy: torch.Tensor, batch: dict, cfg: LossConfig, metrics: dict):
@@ -255,7 +294,7 @@ def trapo_loss_from_hidden(
     else:
         weight = module.output_layer.weight
     sequence_parallel = module.output_layer.sequence_parallel
-    if chunking.grads_mode(cfg.fused_output_grads, weight.dtype) == "recompute":
+    if chunking.grads_mode(cfg.fused_output_grads, weight.dtype, _main_grad(weight) is not None) == "recompute":
         logp, entropy = fused_logprobs_entropy(hidden, weight, batch["labels"], tp_group, cfg.temperature,
                                                cfg.chunk_tokens, sequence_parallel)
         return trapo_loss_from_logprobs(logp, entropy, batch, cfg)
@@ -275,5 +314,14 @@ def fused_trapo_loss(
     :func:`fused_logprobs_entropy`; ``batch`` a :class:`TokenBatch` of every token of the micro-batch."""
     hidden = _all_rows(hidden, batch["labels"].shape[0], group, sequence_parallel)
     metrics: dict[str, torch.Tensor] = {}
-    loss = _FusedOutputLoss.apply(hidden, weight, batch, cfg, group, metrics)
+    loss = _FusedOutputLoss.apply(hidden, weight, batch, cfg, group, metrics, _main_grad(weight))
     return loss, metrics
+
+
+def _main_grad(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight's Megatron DDP gradient buffer when this forward will be back-propagated into it (autograd
+    recording, the weight trained) and it holds the fp32 sum the kernel makes; else None."""
+    main_grad = getattr(weight, "main_grad", None)
+    usable = (isinstance(main_grad, torch.Tensor) and torch.is_grad_enabled() and weight.requires_grad
+              and main_grad.shape == weight.shape and main_grad.dtype == torch.promote_types(weight.dtype, torch.float32))
+    return main_grad if usable else None

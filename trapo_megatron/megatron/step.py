@@ -76,6 +76,8 @@ def wrap_ddp(chunks: list[Any], use_distributed_optimizer: bool = True) -> list[
 
     # check_for_nan_in_grad stays off: it makes a NaN a fatal error inside the grad reduction (megatron's rerun
     # state machine, param_and_grad_buffer.check_grads); optimizer_step skips such a step on every rank instead.
+    # overlap_grad_reduce stays off too: the fused output layer sums the output weight's gradient into
+    # main_grad in forward and returns none, and DDP's hook asserts a .grad under overlap.
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
     )

@@ -238,7 +238,8 @@ def _attention_score_bytes(spec: ModelSpec, cfg: PlanConfig, tp: int, act: int) 
     return spec.num_attention_heads // tp * cfg.micro_batch_size * cfg.seq_length**2 * per_element
 
 
-def output_layer_bytes(mode: str, tokens: int, vocab_rank: int, hidden: int, act: int, kind: str = "other") -> int:
+def output_layer_bytes(mode: str, tokens: int, vocab_rank: int, hidden: int, act: int, kind: str = "other",
+                       main_grad: bool = True) -> int:
     """Peak extra bytes of the last stage's output layer + loss, forward and backward, for ``tokens`` tokens
     on a rank of ``vocab_rank`` vocabulary rows of ``hidden`` columns in ``act``-byte elements; ``kind`` the
     device kind of megatron/chunking.py. The buffers of megatron/fused_output.py and vocab_parallel.py:
@@ -246,9 +247,11 @@ def output_layer_bytes(mode: str, tokens: int, vocab_rank: int, hidden: int, act
       under bf16);
     - recompute: chunks of the kernels' size, [C, V/TP] logits plus two fp32 work buffers, then vocabulary
       blocks as large, the fp32 hidden-state gradient accumulator and the weight gradient;
-    - forward: chunks of at least chunking.MIN_FORWARD_CHUNK_TOKENS, [C, V/TP] logits plus fp32 work buffers
-      (one when the logits are fp32: they are overwritten), the weight gradient summed in fp32 with its
-      block buffer and its rounded copy under 16-bit, and the hidden-state gradient."""
+    - forward: GEMM chunks of chunking.forward_chunk_tokens [C, V/TP] in the model dtype, fp32 work buffers
+      over sub-chunks of the kernels' size (one when the logits are fp32: they are overwritten), the block
+      buffers of the weight-gradient sum under 16-bit, and the hidden-state gradient; the weight gradient
+      itself goes into DDP's fp32 main_grad (counted with the grads); without one (``main_grad`` False) an
+      fp32 sum, returned as the weight's .grad (rounded to the model dtype under 16-bit)."""
     if mode == "unfused":
         return 2 * 4 * tokens * vocab_rank
     low = act < 4
@@ -256,10 +259,11 @@ def output_layer_bytes(mode: str, tokens: int, vocab_rank: int, hidden: int, act
     if mode == "recompute":
         chunk = chunking.kernel_chunk_tokens(tokens, vocab_rank, kind)
         return chunk * vocab_rank * (act + 8) + 4 * tokens * hidden + weight_grad
-    chunk = min(tokens, chunking.forward_chunk_tokens(vocab_rank, kind))
-    accumulator = (4 * vocab_rank * hidden + weight_grad + weight_grad // chunking.WEIGHT_GRAD_BLOCKS) if low \
-        else weight_grad
-    return chunk * vocab_rank * (act + (8 if low else 4)) + accumulator + act * tokens * hidden
+    chunk = min(tokens, chunking.forward_chunk_tokens(tokens, vocab_rank, kind))
+    sub = min(chunk, chunking.kernel_chunk_tokens(tokens, vocab_rank, kind))
+    block = chunking.WEIGHT_GRAD_BLOCK_ELEMENTS * (act + 4) if low else 0  # the product and its fp32 copy
+    weight_sum = 0 if main_grad else 4 * vocab_rank * hidden + (weight_grad if low else 0)
+    return chunk * vocab_rank * act + sub * vocab_rank * (8 if low else 4) + block + weight_sum + act * tokens * hidden
 
 
 def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -> Memory:
@@ -280,8 +284,9 @@ def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -
     activations = int(in_flight * layers * (tokens * per_tok * act + scores))
     recompute = int(in_flight * layers * tokens * input_tok * act + tokens * per_tok * act + scores)
     vocab_rank = padded_vocab(spec, tp, cfg.vocab_divisor) // tp
-    mode = chunking.grads_mode(cfg.output_layer, PRECISION_DTYPE[cfg.precision])
-    logits = output_layer_bytes(mode, tokens, vocab_rank, spec.hidden_size, act) if stage == pp - 1 else 0
+    mode = chunking.grads_mode(cfg.output_layer, PRECISION_DTYPE[cfg.precision], main_grad=grad_bytes == 4)
+    logits = output_layer_bytes(mode, tokens, vocab_rank, spec.hidden_size, act, main_grad=grad_bytes == 4) \
+        if stage == pp - 1 else 0
 
     vllm_weights = kv_cache = kv_per_token = 0
     if cfg.colocate_vllm:
