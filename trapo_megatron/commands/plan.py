@@ -63,7 +63,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--output-layer", default=d.output_layer, choices=OUTPUT_LAYERS,
                         help="the output layer and loss: fused with gradients in forward, fused recomputing in "
-                             "backward, auto (the trainer's default: forward in fp32, recompute in 16 bits), or "
+                             "backward, auto (the trainer's default: forward, its weight gradient summed into DDP's fp32 main "
+                             "grads; recompute when those are 16-bit), or "
                              "unfused logits, as loss.fused_output_layer / loss.fused_output_grads "
                              "(default %(default)s)")
     parser.add_argument("--no-distributed-optimizer", action="store_true",

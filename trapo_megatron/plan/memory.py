@@ -115,7 +115,7 @@ class PlanConfig:
     output_layer: str = "auto"
     """The output layer and loss (:data:`OUTPUT_LAYERS`): "unfused" (loss.fused_output_layer false), "auto",
     "forward" or "recompute" (loss.fused_output_grads; "auto" as megatron/chunking.py resolves it for the
-    precision)."""
+    precision and the main grads' bytes)."""
     min_headroom: float = 0.1
     """Layouts that leave less than this fraction of usable memory free rank after the others (tight)."""
 
