@@ -188,7 +188,7 @@ def _logits_to_grad_(x: torch.Tensor, e_buf: torch.Tensor, u_buf: torch.Tensor |
     """Overwrite the logits ``x`` [S, V/P] of S tokens with dL/dlogits (in x's dtype) and return their loss:
     statistics through the fp32 work buffers (``u_buf`` None: x itself has the accumulation dtype and holds
     z - m), the all-reduces of :func:`vp.combine_partials`, the per-token loss derivatives, then
-    p (k1 log p + k0) + hit from e^(z - m) e^(m - logZ) and (z - m) + (m - logZ): no second exp."""
+    p (k1 log p + k0) + hit from e^(z - m) and z - m: no second exp."""
     n, acc, inv_temp = x.shape[0], e_buf.dtype, 1.0 / cfg.temperature
     u, e = (x if u_buf is None else u_buf[:n]), e_buf[:n]
     local_max = torch.empty(n, dtype=acc, device=x.device)
@@ -197,13 +197,15 @@ def _logits_to_grad_(x: torch.Tensor, e_buf: torch.Tensor, u_buf: torch.Tensor |
     log_partition, logp, entropy = vp.combine_partials(local_max, sums, batch["labels"], group, True)
     part, g_lp, g_ent = _chunk_loss(logp, entropy, batch, cfg, metrics)
     k0, k1, hit = vp.grad_coefficients(g_lp, g_ent, batch["labels"], log_partition, entropy, inv_temp)
+    # with shift = m - logZ and s = e^shift: p = e s, log p = u + shift, so
+    # p (k1 log p + k0) = e (u k1 s + (shift k1 + k0) s): one addcmul and one product over [S, V/P]
     shift = local_max - log_partition
-    e.mul_(torch.exp(shift).unsqueeze(-1))  # p
+    scale = torch.exp(shift)
     if k1 is not None:
-        u.add_(shift.unsqueeze(-1)).mul_(k1.unsqueeze(-1)).add_(k0.unsqueeze(-1))  # k1 log p + k0
+        torch.addcmul(((shift * k1 + k0) * scale).unsqueeze(-1), u, (k1 * scale).unsqueeze(-1), out=u)
         g = u.mul_(e) if u is x else e.mul_(u)
     else:
-        g = torch.mul(e, k0.unsqueeze(-1), out=x) if u is x else e.mul_(k0.unsqueeze(-1))
+        g = torch.mul(e, (k0 * scale).unsqueeze(-1), out=x if u is x else e)
     g.scatter_add_(1, index.unsqueeze(-1), torch.where(held, hit, 0.0).unsqueeze(-1))
     if g is not x:
         x.copy_(g)
