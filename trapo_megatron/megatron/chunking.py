@@ -14,6 +14,12 @@ launches few."""
 MAX_CHUNK_FRACTION = 32
 """At most 1/32 of the tokens per chunk, so the two buffers add at most 1/16 of the logits' element count."""
 
+MIN_CHUNK_ELEMENTS = 1 << 20
+"""...but a chunk of at least this many elements where the tokens have them: below it a chunk's fixed costs
+(per-op overhead; with gradients in forward, its two all-reduces and the loss's autograd) outweigh the
+memory it saves. A small vocabulary (the demo's) then takes all its tokens in one chunk: 32 chunks of it
+made the demo's steps ~1.5x longer."""
+
 FORWARD_CHUNK_TOKENS = 1024
 """Rows per output-layer GEMM of the fused output layer with gradients in forward (at most 1/8 of the tokens,
 FORWARD_CHUNK_FRACTION): each GEMM chunk adds its [V/P, h] weight-gradient product into the fp32 sum, which
@@ -44,13 +50,15 @@ def device_kind(device_type: str) -> str:
 
 def kernel_chunk_tokens(num_tokens: int, vocab_local: int, kind: str) -> int:
     """Tokens per chunk of the log-prob / entropy kernels (and the recomputing fused output layer)."""
-    return max(1, min(CHUNK_ELEMENTS[kind] // max(vocab_local, 1), -(-num_tokens // MAX_CHUNK_FRACTION)))
+    fraction = max(-(-num_tokens // MAX_CHUNK_FRACTION), MIN_CHUNK_ELEMENTS // max(vocab_local, 1))
+    return max(1, min(CHUNK_ELEMENTS[kind] // max(vocab_local, 1), fraction))
 
 
 def forward_chunk_tokens(num_tokens: int, vocab_local: int, kind: str) -> int:
     """Rows per output-layer GEMM chunk of the fused output layer with gradients in forward."""
     widest = max(FORWARD_CHUNK_TOKENS, CHUNK_ELEMENTS[kind] // max(vocab_local, 1))
-    return max(1, min(widest, -(-num_tokens // FORWARD_CHUNK_FRACTION)))
+    fraction = max(-(-num_tokens // FORWARD_CHUNK_FRACTION), MIN_CHUNK_ELEMENTS // max(vocab_local, 1))
+    return max(1, min(widest, fraction))
 
 
 def grads_mode(setting: str, dtype: object, main_grad: bool) -> str:
