@@ -112,8 +112,8 @@ class _FusedOutputLoss(torch.autograd.Function):
     The loss is a sum of per-token terms whose weights are fixed before the step (``token_weight``,
     ``entropy_weight``: algo/loss.py), so each token's dL/dlogits is known as soon as its log-partition and
     entropy are. Forward walks GEMM chunks of tokens (chunking.forward_chunk_tokens): the chunk's logits in
-    one GEMM, then, sub-chunk by sub-chunk (chunking.kernel_chunk_tokens, fp32 work buffers of that size),
-    the statistics (two [S]-sized all-reduces), the per-token loss derivatives (autograd of
+    one GEMM, then, sub-chunk by sub-chunk (chunking.forward_sub_chunk_tokens, fp32 work buffers of that
+    size), the statistics (two [S]-sized all-reduces), the per-token loss derivatives (autograd of
     :func:`trapo_loss_from_logprobs` on the sub-chunk) and dL/dlogits written over the logits (no second
     exp); then both gradient GEMMs of the chunk. Three output-layer GEMMs in all, as the unfused path;
     backward only scales the saved hidden-state gradient by the upstream gradient.
@@ -136,17 +136,19 @@ class _FusedOutputLoss(torch.autograd.Function):
         index, held = vp._local_targets(batch["labels"], vocab_local, rank * vocab_local)
         tokens = {k: v for k, v in batch.items() if k in TOKEN_FIELDS and v is not None}
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = main_grad if main_grad is not None else torch.zeros(weight.shape, dtype=acc, device=device)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=device) if main_grad is None else main_grad
         low_precision = weight.dtype != acc
         rows = cfg.chunk_tokens or chunking.forward_chunk_tokens(num_tokens, vocab_local, kind)
-        sub = min(rows, chunking.kernel_chunk_tokens(num_tokens, vocab_local, kind))
+        sub = chunking.forward_sub_chunk_tokens(rows, num_tokens, vocab_local, kind)
         x_buf = torch.empty((min(rows, num_tokens), vocab_local), dtype=weight.dtype, device=device)
         e_buf = torch.empty((min(sub, num_tokens), vocab_local), dtype=acc, device=device)
         u_buf = torch.empty_like(e_buf) if low_precision else None  # fp32: z - m overwrites the logits
         block = chunking.weight_grad_block_rows(vocab_local, weight.shape[1])
         # the block's product, and its fp32 copy: a mixed-dtype add would allocate that copy for every block
-        w_buf = torch.empty((block, weight.shape[1]), dtype=weight.dtype, device=device) if low_precision else None
-        f_buf = torch.empty((block, weight.shape[1]), dtype=acc, device=device) if low_precision else None
+        w_buf = f_buf = None
+        if low_precision:
+            w_buf = torch.empty((block, weight.shape[1]), dtype=weight.dtype, device=device)
+            f_buf = torch.empty((block, weight.shape[1]), dtype=acc, device=device)
         loss = torch.zeros((), dtype=acc, device=device)
         for a, b in vp._chunks(num_tokens, vocab_local, rows, device):
             x = torch.mm(hidden[a:b], weight.t(), out=x_buf[: b - a])
@@ -286,8 +288,8 @@ def trapo_loss_from_hidden(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`trapo_loss` of the logits that ``model``'s output layer would compute from ``hidden``, without
     them: gradients in forward (:class:`_FusedOutputLoss`) or recomputed in backward
-    (:func:`fused_logprobs_entropy`), as :func:`chunking.grads_mode` resolves ``cfg.fused_output_grads``. ``model``: the (DDP-wrapped)
-    last-stage GPTModel, whose output weight (the embedding's when tied, megatron's
+    (:func:`fused_logprobs_entropy`), as :func:`chunking.grads_mode` resolves ``cfg.fused_output_grads``.
+    ``model``: the (DDP-wrapped) last-stage GPTModel, whose output weight (the embedding's when tied, megatron's
     shared_embedding_or_output_weight) and sequence-parallel setting (its output layer's, off at TP=1) are
     used."""
     module = getattr(model, "module", model)
@@ -296,7 +298,8 @@ def trapo_loss_from_hidden(
     else:
         weight = module.output_layer.weight
     sequence_parallel = module.output_layer.sequence_parallel
-    if chunking.grads_mode(cfg.fused_output_grads, weight.dtype, _main_grad(weight) is not None) == "recompute":
+    mode = chunking.grads_mode(cfg.fused_output_grads, weight.dtype, _main_grad(weight) is not None)
+    if mode == "recompute":
         logp, entropy = fused_logprobs_entropy(hidden, weight, batch["labels"], tp_group, cfg.temperature,
                                                cfg.chunk_tokens, sequence_parallel)
         return trapo_loss_from_logprobs(logp, entropy, batch, cfg)
@@ -325,5 +328,6 @@ def _main_grad(weight: torch.Tensor) -> torch.Tensor | None:
     recording, the weight trained) and it holds the fp32 sum the kernel makes; else None."""
     main_grad = getattr(weight, "main_grad", None)
     usable = (isinstance(main_grad, torch.Tensor) and torch.is_grad_enabled() and weight.requires_grad
-              and main_grad.shape == weight.shape and main_grad.dtype == torch.promote_types(weight.dtype, torch.float32))
+              and main_grad.shape == weight.shape
+              and main_grad.dtype == torch.promote_types(weight.dtype, torch.float32))
     return main_grad if usable else None

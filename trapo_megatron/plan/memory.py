@@ -260,10 +260,12 @@ def output_layer_bytes(mode: str, tokens: int, vocab_rank: int, hidden: int, act
         chunk = chunking.kernel_chunk_tokens(tokens, vocab_rank, kind)
         return chunk * vocab_rank * (act + 8) + 4 * tokens * hidden + weight_grad
     chunk = min(tokens, chunking.forward_chunk_tokens(tokens, vocab_rank, kind))
-    sub = min(chunk, chunking.kernel_chunk_tokens(tokens, vocab_rank, kind))
-    block = chunking.WEIGHT_GRAD_BLOCK_ELEMENTS * (act + 4) if low else 0  # the product and its fp32 copy
+    sub = chunking.forward_sub_chunk_tokens(chunk, tokens, vocab_rank, kind)
+    block_rows = chunking.weight_grad_block_rows(vocab_rank, hidden)
+    block = block_rows * hidden * (act + 4) if low else 0  # the product and its fp32 copy
     weight_sum = 0 if main_grad else 4 * vocab_rank * hidden + (weight_grad if low else 0)
-    return chunk * vocab_rank * act + sub * vocab_rank * (8 if low else 4) + block + weight_sum + act * tokens * hidden
+    buffers = chunk * vocab_rank * act + sub * vocab_rank * (8 if low else 4) + block
+    return buffers + weight_sum + act * tokens * hidden
 
 
 def stage_memory(spec: ModelSpec, cfg: PlanConfig, layout: Layout, stage: int) -> Memory:
